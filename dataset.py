@@ -1,0 +1,400 @@
+"""Datasets on their real on-disk layouts, annotation parsing, box-aware augmentation, grid targets.
+
+Conventions: boxes inside this module are ``xyxy`` in continuous 0-based pixels (see utils.py);
+VOC's 1-based inclusive corners are converted once, in :func:`parse_voc_xml`'s consumer
+:meth:`VOCDetection._boxes_px`. Grid indexing is ``(row, col)`` = ``(y cell, x cell)``.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from voc_eval import GroundTruth
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+# Normalisation shared by pretraining and detection (the users' recipe), RGB in 0..1.
+MEAN: tuple[float, float, float] = (0.4547857, 0.4349471, 0.40525291)
+STD: tuple[float, float, float] = (0.12003352, 0.12323549, 0.1392444)
+MAX_IMAGE_PIXELS = 64_000_000   # larger headers are refused as decompression bombs
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- VOC annotations
+
+@dataclass
+class Annotation:
+    """One image's VOC annotation. ``boxes`` are VOC 1-based inclusive ``(xmin, ymin, xmax, ymax)``."""
+    image_id: str
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))        # float64 (M, 4)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (M,)
+    difficult: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))   # (M,)
+
+
+def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotation, list[str]]:
+    """Parse a VOC annotation file. Returns the annotation and a list of problems that were handled.
+
+    Only ``<object>`` children of the root are objects (``<part>`` boxes of VOC person layout are
+    not). Coordinates may be written as floats. A missing ``difficult`` tag means 0. Objects of a
+    class outside ``class_names`` and boxes with ``xmin >= xmax`` or ``ymin >= ymax`` are skipped
+    and reported in the returned list. Files with a DOCTYPE or entity declarations are refused
+    (no entity expansion), as are files that are not well-formed XML: :class:`DataError`.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
+        raise DataError(f"{path}: XML with a DOCTYPE or entity declarations is refused (no entity expansion)")
+    try:
+        root = ET.fromstring(raw)
+    except ET.ParseError as e:
+        raise DataError(f"{path}: malformed XML ({e})") from None
+    problems: list[str] = []
+
+    def num(node: ET.Element | None, tag: str, default: float | None = None) -> float:
+        el = node.find(tag) if node is not None else None
+        if el is None or el.text is None or not el.text.strip():
+            if default is not None:
+                return default
+            raise DataError(f"{path}: missing <{tag}>")
+        try:
+            return float(el.text)
+        except ValueError:
+            raise DataError(f"{path}: <{tag}> is {el.text!r}, not a number") from None
+
+    size = root.find("size")
+    width, height = int(num(size, "width", 0)), int(num(size, "height", 0))
+    boxes, labels, difficult = [], [], []
+    for obj in root.findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in class_names:
+            problems.append(f"unknown class {name!r} skipped")
+            continue
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise DataError(f"{path}: object {name!r} has no <bndbox>")
+        box = [num(bb, t) for t in ("xmin", "ymin", "xmax", "ymax")]
+        if not all(math.isfinite(v) for v in box):
+            raise DataError(f"{path}: object {name!r} has a non-finite coordinate {box}")
+        if box[0] >= box[2] or box[1] >= box[3]:
+            problems.append(f"degenerate box {box} of {name!r} dropped (xmin >= xmax or ymin >= ymax)")
+            continue
+        boxes.append(box)
+        labels.append(class_names.index(name))
+        difficult.append(int(num(obj, "difficult", 0)) == 1)
+    ann = Annotation(path.stem, width, height, np.array(boxes, np.float64).reshape(-1, 4),
+                     np.array(labels, np.int64), np.array(difficult, bool))
+    return ann, problems
+
+
+def resolve_voc_root(data_root: str | Path) -> Path:
+    """Return the ``VOCdevkit`` folder from ``data_root`` (which may be it or hold it)."""
+    root = Path(data_root)
+    for cand in (root / "VOCdevkit", root):
+        if any((cand / f"VOC{y}").is_dir() for y in ("2007", "2012")):
+            return cand
+    raise DataError(f"--data-root {root}: no VOCdevkit/VOC2007 or VOCdevkit/VOC2012 folder found there")
+
+
+def parse_image_set(spec: str) -> list[tuple[str, str]]:
+    """``"2007-trainval+2012-trainval"`` -> ``[("2007", "trainval"), ("2012", "trainval")]``."""
+    out = []
+    for part in spec.split("+"):
+        m = re.fullmatch(r"(\d{4})-(\w+)", part.strip())
+        if not m:
+            raise ValueError(f"image set {part!r} in {spec!r} is not of the form YEAR-SPLIT (e.g. 2007-test)")
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+@dataclass
+class AugmentParams:
+    """One draw of the paper's augmentation (Sec. 2.2): scale and translation of up to
+    ``jitter`` of the image size, exposure and saturation factors in HSV, horizontal flip."""
+    scale: float = 1.0
+    tx: float = 0.0          # fraction of width
+    ty: float = 0.0          # fraction of height
+    flip: bool = False
+    exposure: float = 1.0
+    saturation: float = 1.0
+
+    @staticmethod
+    def sample(rng: np.random.Generator, jitter: float = 0.2, hsv: float = 1.5) -> "AugmentParams":
+        def rand_scale() -> float:  # darknet's rand_scale: uniform in [1, hsv], inverted half the time
+            s = rng.uniform(1.0, hsv)
+            return float(s if rng.random() < 0.5 else 1.0 / s)
+        return AugmentParams(float(rng.uniform(1 - jitter, 1 + jitter)), float(rng.uniform(-jitter, jitter)),
+                             float(rng.uniform(-jitter, jitter)), bool(rng.random() < 0.5), rand_scale(), rand_scale())
+
+
+def crop_window(width: int, height: int, p: AugmentParams) -> tuple[int, int, int, int]:
+    """Source window ``(left, top, w, h)`` (integer pixels, may extend past the image) that the
+    scale-about-centre + translation of ``p`` maps onto the whole output. Rounded to whole pixels so
+    that the boxes follow the pixels exactly."""
+    w, h = max(1, round(width / p.scale)), max(1, round(height / p.scale))
+    left = round(width / 2 - (width / 2 + p.tx * width) / p.scale)
+    top = round(height / 2 - (height / 2 + p.ty * height) / p.scale)
+    return left, top, w, h
+
+
+def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip: bool, fill: Sequence[int]) -> Tensor:
+    """Crop ``window`` from a uint8 ``(3, H, W)`` image (padding with ``fill`` outside it), resize
+    to ``size`` x ``size`` (bilinear, antialiased) and optionally flip: the whole geometric
+    augmentation as one resample of the pixels."""
+    left, top, w, h = window
+    H, W = image.shape[-2:]
+    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + w, W), min(top + h, H)
+    if (x0, y0, x1, y1) == (left, top, left + w, top + h):
+        crop = image[:, top:top + h, left:left + w]
+    else:
+        crop = torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).expand(3, h, w).contiguous()
+        if x1 > x0 and y1 > y0:
+            crop[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
+    out = TF.resize(crop, [size, size], antialias=True)
+    return out.flip(-1) if flip else out
+
+
+def warp_boxes(boxes: Tensor, window: tuple[int, int, int, int], size: int, flip: bool,
+               min_size: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Map pixel ``xyxy`` boxes ``(M, 4)`` through :func:`warp_image`'s geometry, clip them to the
+    output and drop those narrower or lower than ``min_size`` output pixels. Returns the boxes
+    and the boolean keep mask over the input boxes."""
+    left, top, w, h = window
+    scale = boxes.new_tensor([size / w, size / h, size / w, size / h])
+    out = (boxes - boxes.new_tensor([left, top, left, top])) * scale
+    out = out.clamp(0, size)
+    if flip:
+        out = torch.stack([size - out[:, 2], out[:, 1], size - out[:, 0], out[:, 3]], 1)
+    keep = ((out[:, 2] - out[:, 0]) >= min_size) & ((out[:, 3] - out[:, 1]) >= min_size)
+    return out[keep], keep
+
+
+def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: Tensor | None = None,
+                    mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
+    """uint8 ``(N, 3, H, W)`` RGB batch -> normalised float, with per-image HSV exposure and
+    saturation scaling (``(N,)`` factors; None = 1). Runs on whatever device the batch is on, so
+    colour augmentation happens on the GPU for the whole batch.
+
+    Scaling V and S in HSV with hue fixed has a closed form in RGB: with V = max, m = min,
+    S = (V - m) / V and k_c = (V - c) / (V - m), every channel is c = V (1 - S k_c); the new
+    image is c' = V' (1 - S' k_c) with V' = min(V e, 1), S' = min(S s, 1). No hue is computed.
+    """
+    x = images.float().div_(255)
+    if exposure is not None and saturation is not None:
+        N = x.shape[0]
+        e, s = exposure.to(x).view(N, 1, 1, 1), saturation.to(x).view(N, 1, 1, 1)
+        V = x.amax(1, keepdim=True)
+        m = x.amin(1, keepdim=True)
+        chroma = V - m
+        S = torch.where(V > 0, chroma / V.clamp(min=1e-12), torch.zeros_like(V))
+        k = torch.where(chroma > 0, (V - x) / chroma.clamp(min=1e-12), torch.zeros_like(x))
+        x = (V * e).clamp(max=1) * (1 - (S * s).clamp(max=1) * k)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+# ----------------------------------------------------------------------------- grid targets
+
+def encode_target(boxes: Tensor, labels: Tensor, image_size: int, S: int, C: int) -> Tensor:
+    """Pixel ``xyxy`` boxes ``(M, 4)`` on a ``image_size`` square image -> ``(S, S, 5 + C)`` target.
+
+    Each object goes to the cell ``(row, col)`` holding its centre; per cell
+    ``(x, y, w, h, obj, one-hot C)`` with x, y the centre's offset within the cell (cell units)
+    and w, h relative to the image. One object per cell: when several centres fall in the same
+    cell, the one with the largest box area is kept (ties: the first listed).
+    """
+    target = torch.zeros(S, S, 5 + C)
+    if len(boxes) == 0:
+        return target
+    b = boxes.float() / image_size
+    cx, cy = (b[:, 0] + b[:, 2]) / 2 * S, (b[:, 1] + b[:, 3]) / 2 * S
+    col, row = cx.floor().clamp(0, S - 1).long(), cy.floor().clamp(0, S - 1).long()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    order = torch.argsort(-area, stable=True).tolist()    # largest first, ties in listed order
+    for i in order[::-1]:                                   # written last = kept
+        r, c = row[i], col[i]
+        target[r, c, :4] = torch.stack([cx[i] - c, cy[i] - r, b[i, 2] - b[i, 0], b[i, 3] - b[i, 1]])
+        target[r, c, 4] = 1
+        target[r, c, 5:] = 0
+        target[r, c, 5 + labels[i]] = 1
+    return target
+
+
+# ----------------------------------------------------------------------------- images
+
+def read_image(path: Path) -> Tensor:
+    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, CMYK, alpha and EXIF rotation
+    handled; zero-byte, non-image, truncated and oversized (decompression bomb) files raise
+    :class:`DataError` naming the file."""
+    try:
+        data = torchvision_read(path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data.numel() == 0:
+        raise DataError(f"{path}: empty file")
+    w, h = image_header_size(data, path)
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # libjpeg warns (not fails) on truncated data
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates io in favour of torchcodec
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, UserWarning) as e:
+        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
+    return img
+
+
+def torchvision_read(path: Path) -> Tensor:
+    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+
+
+def image_header_size(data: Tensor, path: Path) -> tuple[int, int]:
+    """Width and height from the file header (PIL reads only the header), :class:`DataError` for a
+    file that is no image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+# ----------------------------------------------------------------------------- VOC dataset
+
+class VOCDetection(Dataset):
+    """PASCAL VOC detection on its real layout ``VOCdevkit/VOC<year>/{ImageSets/Main,Annotations,JPEGImages}``.
+
+    ``image_set`` like ``"2007-trainval+2012-trainval"``. Items are ``(image, target, info)``:
+    ``image`` uint8 ``(3, size, size)`` (colour augmentation and normalisation happen batched, in
+    :func:`color_normalize`), ``target`` ``(S, S, 5 + C)`` from :func:`encode_target`, and
+    ``info`` float64 ``(5,)`` = ``(index, orig_height, orig_width, exposure, saturation)``.
+    An unreadable image yields ``None`` (named in a warning); :func:`collate_skip_none` drops it.
+
+    Annotation problems are collected in ``self.report`` (file, reason) rather than stopping:
+    ids that are unsafe or duplicated, missing files and unparseable annotations are left out;
+    unknown classes and degenerate boxes are dropped from their image.
+    """
+
+    def __init__(self, data_root: str | Path, image_set: str, class_names: Sequence[str] = VOC_CLASSES,
+                 image_size: int = 448, S: int = 7, train: bool = False, keep_difficult: bool = False,
+                 jitter: float = 0.2, hsv: float = 1.5, seed: int = 0, mean: Sequence[float] = MEAN):
+        self.root = resolve_voc_root(data_root)
+        self.class_names = list(class_names)
+        self.image_size, self.S, self.C = image_size, S, len(class_names)
+        self.train, self.keep_difficult, self.jitter, self.hsv = train, keep_difficult, jitter, hsv
+        self.seed, self.epoch = seed, 0
+        self.fill = [round(255 * m) for m in mean]   # padding normalises to 0
+        self.report: list[tuple[str, str]] = []
+        self.items: list[tuple[Path, Annotation]] = []
+        seen: set[tuple[str, str]] = set()
+        for year, split in parse_image_set(image_set):
+            voc = self.root / f"VOC{year}"
+            list_file = voc / "ImageSets" / "Main" / f"{split}.txt"
+            if not list_file.is_file():
+                raise DataError(f"image set file {list_file} does not exist (is --data-root right?)")
+            for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+                image_id = line.strip().split(" ")[0] if line.strip() else ""
+                if not image_id:
+                    continue
+                where = f"{list_file}:{line_no}"
+                if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
+                    self.report.append((where, f"unsafe image id {image_id!r} refused"))
+                    continue
+                if (year, image_id) in seen:
+                    self.report.append((where, f"duplicate image id {image_id!r} ignored"))
+                    continue
+                seen.add((year, image_id))
+                img, xml = voc / "JPEGImages" / f"{image_id}.jpg", voc / "Annotations" / f"{image_id}.xml"
+                if not img.is_file():
+                    self.report.append((str(img), "image file missing; id skipped"))
+                    continue
+                if not xml.is_file():
+                    self.report.append((str(xml), "annotation file missing; id skipped"))
+                    continue
+                try:
+                    ann, problems = parse_voc_xml(xml, self.class_names)
+                except DataError as e:
+                    self.report.append((str(xml), str(e).split(": ", 1)[-1] + "; id skipped"))
+                    continue
+                self.report += [(str(xml), p) for p in problems]
+                ann.image_id = image_id if len(parse_image_set(image_set)) == 1 else f"{year}_{image_id}"
+                self.items.append((img, ann))
+        if not self.items:
+            raise DataError(f"image set {image_set!r} under {self.root} holds no usable image")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation draws depend on (seed, epoch, index) only: reproducible across workers and resumes."""
+        self.epoch = epoch
+
+    def annotation(self, index: int) -> Annotation:
+        return self.items[index][1]
+
+    def ground_truth(self) -> dict[str, GroundTruth]:
+        """Every image's annotation for the VOC metric (VOC coordinates, difficult objects included)."""
+        return {ann.image_id: GroundTruth(ann.boxes, ann.labels, ann.difficult) for _, ann in self.items}
+
+    @staticmethod
+    def boxes_px(ann: Annotation) -> Tensor:
+        """VOC 1-based inclusive corners -> 0-based continuous pixel ``xyxy`` (the one conversion)."""
+        b = torch.from_numpy(ann.boxes).float()
+        return torch.stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], 1)
+
+    def __getitem__(self, index: int):
+        path, ann = self.items[index]
+        try:
+            image = read_image(path)
+        except DataError as e:
+            warnings.warn(f"skipped: {e}")
+            return None
+        H, W = image.shape[-2:]
+        keep = np.ones(len(ann.labels), bool) if self.keep_difficult else ~ann.difficult
+        boxes = self.boxes_px(ann)[torch.from_numpy(keep)]
+        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([W, H, W, H], dtype=boxes.dtype))
+        labels = torch.from_numpy(ann.labels[keep])
+        p = AugmentParams()
+        if self.train:
+            p = AugmentParams.sample(np.random.default_rng([self.seed, self.epoch, index]), self.jitter, self.hsv)
+        window = crop_window(W, H, p)
+        image = warp_image(image, window, self.image_size, p.flip, self.fill)
+        boxes, kept = warp_boxes(boxes, window, self.image_size, p.flip)
+        target = encode_target(boxes, labels[kept], self.image_size, self.S, self.C)
+        info = torch.tensor([index, H, W, p.exposure, p.saturation], dtype=torch.float64)
+        return image, target, info
+
+
+def collate_skip_none(batch: list):
+    """Default collation after dropping the ``None`` items of unreadable images."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    return torch.utils.data.default_collate(batch)

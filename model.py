@@ -1,0 +1,259 @@
+"""YOLOv1 networks: the Darknet backbone, its ImageNet classifier head and the detection head.
+
+Everything here is an ``nn.Module`` or a pure function on one; nothing knows about data,
+losses, devices or training. Sizes come from one dataclass, :class:`YoloConfig`.
+
+Output convention (stated once, here): the detector returns raw, linear predictions of shape
+``(N, S, S, 5B + C)`` indexed ``[n, row, col]`` (row = y cell, col = x cell). Per cell the last
+dimension is laid out as
+
+* ``[0 : 4B]``   B boxes, each ``(x, y, sqrt_w, sqrt_h)``: x, y are the box centre's offset inside
+  the cell in cell units (0..1 inside the cell); sqrt_w, sqrt_h are the square roots of the box
+  width and height relative to the whole image. Predicting square roots is darknet's ``sqrt=1``
+  and the paper's "we predict the square root of the bounding box width and height"; the box
+  width is ``sqrt_w ** 2``, so any output (negative too) decodes to a valid box.
+* ``[4B : 5B]``  B confidences, Pr(Object) * IoU.
+* ``[5B : ]``    C conditional class probabilities Pr(Class_i | Object).
+
+:func:`split_output` is the only place that slices this tensor.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+# The paper's Fig. 3, first 20 conv layers: (kernel, filters, stride) or "M" for a 2x2/2 maxpool.
+DARKNET_LAYERS: list = [
+    (7, 64, 2), "M",
+    (3, 192, 1), "M",
+    (1, 128, 1), (3, 256, 1), (1, 256, 1), (3, 512, 1), "M",
+    *[(1, 256, 1), (3, 512, 1)] * 4, (1, 512, 1), (3, 1024, 1), "M",
+    *[(1, 512, 1), (3, 1024, 1)] * 2,
+]
+# The 4 conv layers the detector adds on top of the backbone (paper Fig. 3, last block).
+YOLO_HEAD_CONVS: list = [(3, 1024, 1), (3, 1024, 2), (3, 1024, 1), (3, 1024, 1)]
+# Fast YOLO: 9 conv layers. The first 7 form its backbone (input / 64 pixels), the last 2 its head.
+FAST_LAYERS: list = [
+    (3, 16, 1), "M", (3, 32, 1), "M", (3, 64, 1), "M", (3, 128, 1), "M",
+    (3, 256, 1), "M", (3, 512, 1), "M", (3, 1024, 1),
+]
+FAST_HEAD_CONVS: list = [(3, 1024, 1), (3, 1024, 1)]
+
+
+@dataclass
+class YoloConfig:
+    """Every size of the network. The defaults are the paper's VOC detector.
+
+    ``width`` multiplies every conv filter count and the 4096-unit FC layer, so that tests and
+    the CPU demo can use a small model with the same topology.
+    """
+    S: int = 7                 # grid size
+    B: int = 2                 # boxes per cell
+    C: int = 20                # classes
+    image_size: int = 448      # square input, pixels
+    variant: str = "yolo"      # "yolo" (24 conv) or "fast" (9 conv)
+    batch_norm: bool = False   # the paper has none; with it, convs carry no bias
+    width: float = 1.0         # channel multiplier
+    fc_dim: int = 4096         # hidden FC units (multiplied by width)
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("yolo", "fast"):
+            raise ValueError(f"variant must be 'yolo' or 'fast', got {self.variant!r}")
+        for name in ("S", "B", "C", "image_size", "fc_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {self.width}")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+
+    @property
+    def cell_dim(self) -> int:
+        return 5 * self.B + self.C
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ch(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+class ConvBlock(nn.Sequential):
+    """Conv ("same" padding) -> optional BatchNorm -> leaky ReLU(0.1)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int, batch_norm: bool):
+        layers = OrderedDict(conv=nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=not batch_norm))
+        if batch_norm:
+            layers["bn"] = nn.BatchNorm2d(c_out)
+        layers["act"] = nn.LeakyReLU(0.1, inplace=True)
+        super().__init__(layers)
+
+
+def _conv_stack(spec: list, c_in: int, width: float, batch_norm: bool, first: int = 1) -> tuple[nn.Sequential, int]:
+    """Build named layers conv{i} / pool{j} from a spec list; returns the stack and its out channels."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    i, j = first, 1
+    for item in spec:
+        if item == "M":
+            layers[f"pool{j}"] = nn.MaxPool2d(2, 2)
+            j += 1
+        else:
+            k, c, s = item
+            c_out = _ch(c, width)
+            layers[f"conv{i}"] = ConvBlock(c_in, c_out, k, s, batch_norm)
+            c_in, i = c_out, i + 1
+    return nn.Sequential(layers), c_in
+
+
+class Backbone(nn.Module):
+    """The Darknet feature extractor: the paper's first 20 conv layers (or Fast YOLO's first 7).
+
+    Input ``(N, 3, H, W)`` normalised images; output ``(N, out_channels, H/32, W/32)``
+    (``H/64`` for Fast YOLO). The same module, with the same state_dict keys, is used by the
+    ImageNet classifier and by the detector, so pretrained weights move by ``load_state_dict``.
+    """
+
+    def __init__(self, cfg: YoloConfig):
+        super().__init__()
+        spec = DARKNET_LAYERS if cfg.variant == "yolo" else FAST_LAYERS
+        self.layers, self.out_channels = _conv_stack(spec, 3, cfg.width, cfg.batch_norm)
+        self.stride = 32 if cfg.variant == "yolo" else 64
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool + FC, the pretraining head of the paper (Sec. 2.2)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class DetectionHead(nn.Module):
+    """4 conv (2 for Fast YOLO) + FC fc_dim + leaky + dropout + linear FC to S*S*(5B+C)."""
+
+    def __init__(self, cfg: YoloConfig, in_channels: int, in_size: int):
+        super().__init__()
+        spec = YOLO_HEAD_CONVS if cfg.variant == "yolo" else FAST_HEAD_CONVS
+        first = 21 if cfg.variant == "yolo" else 8
+        self.convs, c = _conv_stack(spec, in_channels, cfg.width, cfg.batch_norm, first=first)
+        size = in_size
+        for item in spec:
+            size = (size + 2 * (item[0] // 2) - item[0]) // item[2] + 1
+        hidden = _ch(cfg.fc_dim, cfg.width)
+        self.fc1 = nn.Linear(c * size * size, hidden)
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc2 = nn.Linear(hidden, cfg.S * cfg.S * cfg.cell_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.convs(x).flatten(1)
+        return self.fc2(self.dropout(self.act(self.fc1(x))))
+
+
+class YOLOv1(nn.Module):
+    """The detector: ``backbone`` + ``head``; ``forward`` returns ``(N, S, S, 5B+C)`` raw outputs."""
+
+    def __init__(self, cfg: YoloConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.head = DetectionHead(cfg, self.backbone.out_channels, cfg.image_size // self.backbone.stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        S, D = self.cfg.S, self.cfg.cell_dim
+        return self.head(self.backbone(x)).view(-1, S, S, D)
+
+
+class Classifier(nn.Module):
+    """The pretraining network: ``backbone`` + ``head`` (avgpool + FC); returns ``(N, num_classes)`` logits."""
+
+    def __init__(self, cfg: YoloConfig, num_classes: int = 1000):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.head = ClassifierHead(self.backbone.out_channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+def split_output(out: Tensor, B: int, C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split raw predictions ``(N, S, S, 5B+C)`` into boxes, confidences and class probabilities.
+
+    Returns ``boxes (N, S, S, B, 4)`` as ``(x, y, sqrt_w, sqrt_h)`` (see the module docstring),
+    ``conf (N, S, S, B)`` and ``cls (N, S, S, C)``.
+    """
+    if out.shape[-1] != 5 * B + C:
+        raise ValueError(f"last dim of predictions is {out.shape[-1]}, expected 5*B+C = {5 * B + C}")
+    boxes = out[..., : 4 * B].unflatten(-1, (B, 4))
+    return boxes, out[..., 4 * B : 5 * B], out[..., 5 * B :]
+
+
+def load_backbone(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy backbone weights into ``model.backbone`` from a state_dict.
+
+    ``state`` may be a backbone state_dict or a whole model's (keys prefixed ``backbone.``).
+    Every backbone tensor must be present with the same shape; otherwise a ``ValueError`` names
+    the first mismatches. Nothing is loaded partially.
+    """
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    own = model.backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: {tuple(state[k].shape)} in {source}, {tuple(v.shape)} in model"
+             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        lines = [f"backbone weights in {source} do not fit this model "
+                 "(check --width, --variant and --batch-norm against the pretraining run):"]
+        if missing:
+            lines.append(f"  missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        lines += [f"  shape {w}" for w in wrong[:5]]
+        raise ValueError("\n".join(lines))
+    model.backbone.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def count_params_flops(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """Parameter count and forward FLOPs for one ``image_size`` x ``image_size`` image.
+
+    FLOPs count a multiply-add as 2, over conv and linear layers (bias adds, activations,
+    pooling and BatchNorm are left out, as is usual). The model runs on "meta" copies of its
+    tensors, so nothing is computed and the model is not changed.
+    """
+    flops = 0
+
+    def hook(m: nn.Module, inp: tuple[Tensor], out: Tensor) -> None:
+        nonlocal flops
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+            flops += 2 * k * out.numel() // out.shape[0]
+        else:
+            flops += 2 * m.in_features * m.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        tensors = {k: torch.empty_like(v, device="meta") for k, v in
+                   [*model.named_parameters(), *model.named_buffers()]}
+        torch.func.functional_call(model, tensors, (torch.empty(1, 3, image_size, image_size, device="meta"),))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return sum(p.numel() for p in model.parameters()), flops

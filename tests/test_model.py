@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from model import (Classifier, YoloConfig, YOLOv1, count_params_flops, load_backbone, split_output)
+
+
+def test_paper_detector_params_and_flops():
+    # Paper configuration: 24 conv + FC 4096 + FC 1470 at 448x448, no BatchNorm.
+    model = YOLOv1(YoloConfig())
+    params, flops = count_params_flops(model, 448)
+    assert params == 271_703_550
+    assert round(flops / 1e9, 1) == 40.6
+
+
+def test_conv_layer_count_and_classifier_flops():
+    cls = Classifier(YoloConfig())
+    convs = [m for m in cls.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 20
+    assert [c.out_channels for c in convs][:6] == [64, 192, 128, 256, 256, 512]
+    assert all(m.bias is not None for m in convs)
+    _, flops = count_params_flops(cls, 224)
+    assert round(flops / 1e9, 1) == 8.4
+    det = YOLOv1(YoloConfig())
+    assert len([m for m in det.modules() if isinstance(m, torch.nn.Conv2d)]) == 24
+
+
+def test_fast_yolo_has_nine_convs():
+    model = YOLOv1(YoloConfig(variant="fast", width=0.25))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9
+    assert [c.out_channels for c in convs] == [4, 8, 16, 32, 64, 128, 256, 256, 256]
+    assert model(torch.randn(1, 3, 448, 448)).shape == (1, 7, 7, 30)
+
+
+def test_first_conv_flops_by_hand():
+    # conv1: 7x7x3 -> 64 at stride 2 on 448 -> 224x224 outputs: 2 * 147 * 64 * 224 * 224 FLOPs.
+    model = YOLOv1(YoloConfig())
+    conv1 = model.backbone.layers.conv1
+    _, flops = count_params_flops(torch.nn.Sequential(conv1), 448)
+    assert flops == 2 * 7 * 7 * 3 * 64 * 224 * 224
+
+
+def test_output_shape_batchnorm_and_names():
+    cfg = YoloConfig(C=5, image_size=192, width=0.125, batch_norm=True)
+    model = YOLOv1(cfg)
+    out = model(torch.randn(2, 3, 192, 192))
+    assert out.shape == (2, 7, 7, 15)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.bias is None for m in convs)
+    assert any(k.startswith("backbone.layers.conv20.") for k in model.state_dict())
+    assert any(k.startswith("head.fc2.") for k in model.state_dict())
+
+
+def test_split_output_layout():
+    out = torch.arange(2 * 7 * 7 * 30, dtype=torch.float32).view(2, 7, 7, 30)
+    boxes, conf, cls = split_output(out, 2, 20)
+    assert boxes.shape == (2, 7, 7, 2, 4) and conf.shape == (2, 7, 7, 2) and cls.shape == (2, 7, 7, 20)
+    assert boxes[0, 0, 0, 1, 0] == 4 and conf[0, 0, 0, 0] == 8 and cls[0, 0, 0, 0] == 10
+    with pytest.raises(ValueError):
+        split_output(out, 2, 19)
+
+
+def test_backbone_handover_and_mismatch():
+    cfg = YoloConfig(C=5, image_size=192, width=0.125)
+    cls = Classifier(cfg, num_classes=10)
+    det = YOLOv1(cfg)
+    load_backbone(det, cls.state_dict())
+    for k, v in cls.backbone.state_dict().items():
+        assert torch.equal(det.backbone.state_dict()[k], v)
+    other = Classifier(YoloConfig(width=0.25), num_classes=10)
+    with pytest.raises(ValueError, match="shape"):
+        load_backbone(det, other.state_dict())
+    bn = Classifier(YoloConfig(width=0.125, batch_norm=True), num_classes=10)
+    with pytest.raises(ValueError, match="missing|unexpected"):
+        load_backbone(det, bn.state_dict())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        YoloConfig(variant="tiny")
+    with pytest.raises(ValueError):
+        YoloConfig(image_size=450)

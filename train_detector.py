@@ -1,0 +1,398 @@
+"""Train the YOLOv1 detector on PASCAL VOC (or the generated demo set) with the YOLO loss.
+
+    python train_detector.py --data demo                                  # CPU demo, minutes
+    python train_detector.py --data voc --data-root ~/data --backbone runs/pretrainer/x/best.pt
+    torchrun --nproc-per-node=8 train_detector.py --data voc --data-root ~/data ...
+
+Reads top to bottom: config, distributed setup and seed, data, model, optimizer, resume, then
+the loop of train_one_epoch / evaluate / checkpoint. Logs to TensorBoard in the run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize
+from loss import YoloLoss
+from model import YoloConfig, YOLOv1, count_params_flops, load_backbone
+from utils import (AverageMeter, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
+                   cleanup_distributed, format_loss, load_checkpoint, predict, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+from voc_eval import detections_from_pixels, evaluate_detections, format_table
+
+# Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
+RECIPES = {
+    "voc": dict(epochs=135, batch_size=64, lr=1e-2, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                warmup_epochs=5, warmup_lr=1e-3, lr_steps="75,105", lr_gamma=0.1, image_size=448,
+                width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
+                val_set="2007-test", eval_interval=5, workers=8),
+    "demo": dict(epochs=30, batch_size=32, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+                 warmup_epochs=1, warmup_lr=1e-4, lr_steps="22,27", lr_gamma=0.1, image_size=192,
+                 width=0.25, batch_norm=True, variant="yolo", train_set="2007-trainval",
+                 val_set="2007-test", eval_interval=5, workers=2),
+}
+MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
+
+
+@dataclass
+class TrainConfig:
+    data: str = "demo"
+    data_root: str = ""
+    train_set: str = ""
+    val_set: str = ""
+    keep_difficult: bool = False
+    epochs: int = 0
+    batch_size: int = 0          # global, over all processes
+    lr: float = 0.0              # peak LR for the global batch size
+    optimizer: str = ""
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 0.0
+    lr_steps: str = ""
+    lr_gamma: float = 0.0
+    lambda_coord: float = 5.0
+    lambda_noobj: float = 0.5
+    rescore: bool = True
+    clip_grad: float = 0.0
+    image_size: int = 0
+    S: int = 7
+    B: int = 2
+    width: float = 0.0
+    batch_norm: bool | None = None
+    variant: str = ""
+    dropout: float = 0.5
+    backbone: str = ""
+    resume: str = ""
+    out_dir: str = ""
+    device: str = "auto"
+    workers: int = -1
+    amp: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    eval_interval: int = 0
+    conf_threshold: float = 0.001
+    nms_iou: float = 0.5
+    max_det: int = 300
+    save_every_steps: int = 0
+    max_bad_steps: int = 5
+    log_interval: int = 10
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = "(default: from the --data recipe: paper's on voc, CPU-sized on demo)"
+    p.add_argument("--data", choices=["voc", "demo"], default="demo", help="dataset")
+    p.add_argument("--data-root", default="", help="folder holding VOCdevkit (or VOCdevkit itself); demo: data/demo")
+    p.add_argument("--train-set", default="", help=f"image sets joined by '+', e.g. 2007-trainval+2012-trainval {r}")
+    p.add_argument("--val-set", default="", help=f"image set to evaluate mAP on, e.g. 2007-test {r}")
+    p.add_argument("--keep-difficult", action="store_true", help="keep VOC 'difficult' objects in the training targets")
+    p.add_argument("--epochs", type=int, default=0, help=f"epochs {r}")
+    p.add_argument("--batch-size", type=int, default=0, help=f"global batch size over all processes {r}")
+    p.add_argument("--lr", type=float, default=0.0, help=f"peak learning rate {r}")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="", help=f"optimizer {r}")
+    p.add_argument("--momentum", type=float, default=0.0, help=f"SGD momentum / Adam beta1 {r}")
+    p.add_argument("--weight-decay", type=float, default=0.0, help=f"weight decay {r}")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help=f"epochs of linear LR warm-up from --warmup-lr {r}")
+    p.add_argument("--warmup-lr", type=float, default=0.0, help=f"LR at the start of warm-up {r}")
+    p.add_argument("--lr-steps", default="", help=f"comma-separated epochs where LR is multiplied by --lr-gamma {r}")
+    p.add_argument("--lr-gamma", type=float, default=0.0, help=f"LR step factor {r}")
+    p.add_argument("--lambda-coord", type=float, default=5.0, help="weight of the coordinate loss")
+    p.add_argument("--lambda-noobj", type=float, default=0.5, help="weight of the no-object confidence loss")
+    p.add_argument("--no-rescore", dest="rescore", action="store_false", help="confidence target 1 instead of the IoU")
+    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--image-size", type=int, default=0, help=f"input size, a multiple of 32 {r}")
+    p.add_argument("-S", type=int, default=7, help="grid size")
+    p.add_argument("-B", type=int, default=2, help="boxes per cell")
+    p.add_argument("--width", type=float, default=0.0, help=f"channel width multiplier {r}")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"BatchNorm after each conv {r}")
+    p.add_argument("--variant", choices=["yolo", "fast"], default="", help=f"YOLO (24 conv) or Fast YOLO (9 conv) {r}")
+    p.add_argument("--dropout", type=float, default=0.5, help="dropout after the first FC layer")
+    p.add_argument("--backbone", default="", help="pretrainer.py checkpoint whose backbone initialises the detector")
+    p.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' for the run folder's last.pt if any")
+    p.add_argument("--out-dir", default="", help="run folder (default: runs/detector/<data>, numbered if taken)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--workers", type=int, default=-1, help=f"data loader processes per GPU/process {r}")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + GradScaler where no bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")
+    p.add_argument("--eval-interval", type=int, default=0, help=f"evaluate mAP every N epochs (and at the end) {r}")
+    p.add_argument("--conf-threshold", type=float, default=0.001, help="score threshold for mAP (darknet's VOC validation)")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold")
+    p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
+    p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite steps")
+    p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard loss points")
+    args = vars(p.parse_args(argv))
+    for k, v in RECIPES[args["data"]].items():
+        if args[k] in (0, 0.0, "", None, -1):
+            args[k] = v
+    cfg = TrainConfig(**args)
+    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
+        p.error("--batch-size, --epochs and --lr must be positive")
+    return cfg
+
+
+def lr_factor(epoch: float, cfg: TrainConfig) -> float:
+    """LR / cfg.lr at a fractional epoch: linear warm-up from warmup_lr, then steps of lr_gamma."""
+    if epoch < cfg.warmup_epochs:
+        start = cfg.warmup_lr / cfg.lr
+        return start + (1 - start) * epoch / cfg.warmup_epochs
+    steps = [float(s) for s in cfg.lr_steps.split(",") if s.strip()]
+    return cfg.lr_gamma ** sum(epoch >= s for s in steps)
+
+
+def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg, state, device, writer, is_main,
+                    checkpoint_fn, steps_per_epoch):
+    model.train()
+    amp_dtype = autocast_dtype(device)
+    meters = {k: AverageMeter() for k in ("total", "coord", "obj", "noobj", "cls")}
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
+               initial=state["step_in_epoch"], total=steps_per_epoch)
+    t0, seen = time.perf_counter(), 0
+    for batch in bar:
+        if batch is None:
+            continue
+        images, target, info = batch
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        x = color_normalize(images, info[:, 3], info[:, 4], MEAN, STD)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            out = model(x)
+        terms = criterion(out.float(), target)
+        loss = terms["total"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        params = [p for p in model.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gnorm))
+        if finite or scaler.is_enabled():
+            scaler.step(optimizer)   # with fp16, the scaler itself skips non-finite steps and lowers its scale
+            scaler.update()
+        if finite:
+            state["bad_steps"] = 0
+        else:
+            state["bad_steps"] += 1
+            state["skipped_steps"] += 1
+            vals = {k: float(v) for k, v in terms.items()}
+            tqdm.write(f"non-finite loss or gradient at step {state['step']}: {format_loss(vals)}; step skipped")
+            if writer:
+                writer.add_scalar("train/skipped_steps", state["skipped_steps"], state["step"])
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
+                                         f"last loss terms: {format_loss(vals)}. The last good checkpoint is intact.")
+        scheduler.step()
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        n = images.shape[0]
+        seen += n
+        if finite:
+            for k, v in terms.items():
+                meters[k].update(float(v), n)
+        if is_main:
+            rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{meters['total'].avg:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+            if writer and state["step"] % cfg.log_interval == 0:
+                for k, v in terms.items():
+                    writer.add_scalar(f"train/loss_{k}", float(v), state["step"])
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
+                writer.add_scalar("train/images_per_s", rate, state["step"])
+        if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0:
+            checkpoint_fn("last.pt")
+    bar.close()
+    return {k: m.avg for k, m in meters.items()}
+
+
+def evaluate(model, loader, dataset: VOCDetection, cfg: TrainConfig, model_cfg: YoloConfig, device) -> dict:
+    """VOC07 mAP@0.5 on the validation set, each image counted exactly once over all processes."""
+    preds = predict(model, loader, model_cfg.B, model_cfg.C, device, cfg.amp, cfg.conf_threshold, cfg.nms_iou,
+                    cfg.max_det, cfg.channels_last)
+    named = [(dataset.annotation(i).image_id, b, s, l) for i, b, s, l in preds]
+    return evaluate_detections(detections_from_pixels(named, model_cfg.C), dataset.ground_truth(),
+                               dataset.class_names, use_07_metric=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+
+    # ---- processes, device, seed
+    rank, world, local_rank, device = setup_distributed(cfg.device)
+    is_main = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
+    seed_everything(cfg.seed + rank, cfg.deterministic)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # ---- run folder
+    base = Path(cfg.out_dir or f"runs/detector/{cfg.data}")
+    out_dir = base
+    if not cfg.out_dir and cfg.resume != "auto" and not cfg.resume:
+        k = 2
+        while (out_dir / "last.pt").exists():
+            out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
+    out_dir = Path(all_gather_objects(str(out_dir))[0])
+
+    # ---- data
+    if cfg.data == "demo":
+        from demo_data import DEMO_CLASSES, make_demo_voc
+        if is_main:
+            make_demo_voc(cfg.data_root or "data/demo")
+        if dist.is_initialized():
+            dist.barrier()
+        data_root, class_names = cfg.data_root or "data/demo", DEMO_CLASSES
+    else:
+        if not cfg.data_root:
+            raise ValueError("--data voc needs --data-root (the folder holding VOCdevkit)")
+        data_root, class_names = cfg.data_root, VOC_CLASSES
+    model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
+                           batch_norm=bool(cfg.batch_norm), width=cfg.width, dropout=cfg.dropout)
+    train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=True,
+                             keep_difficult=cfg.keep_difficult, seed=cfg.seed)
+    val_set = VOCDetection(data_root, cfg.val_set, class_names, cfg.image_size, cfg.S, train=False)
+    if is_main:
+        print(f"config: {json.dumps(asdict(cfg))}")
+        for name, ds in (("train", train_set), ("val", val_set)):
+            print(f"{name}: {len(ds)} images from {ds.root} ({cfg.train_set if name == 'train' else cfg.val_set}); "
+                  f"{len(ds.report)} data problems handled")
+            for where, why in ds.report[:20]:
+                print(f"  {where}: {why}")
+            if len(ds.report) > 20:
+                print(f"  ... and {len(ds.report) - 20} more (python train_detector.py --check-data lists all)")
+    per_proc = cfg.batch_size // world
+    train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none,
+                     persistent_workers=cfg.workers > 0)
+    val_loader = DataLoader(val_set, per_proc, sampler=ShardSampler(len(val_set), rank, world), **loader_kw)
+
+    # ---- model, loss, optimizer, schedule
+    model = YOLOv1(model_cfg).to(device)
+    if cfg.backbone:
+        ckpt = load_checkpoint(cfg.backbone)
+        load_backbone(model, ckpt["model"], source=cfg.backbone)
+        if is_main:
+            print(f"backbone initialised from {cfg.backbone}")
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params, flops = count_params_flops(model, cfg.image_size)
+    if is_main:
+        print(f"model: {model_cfg} | {params / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOPs/image")
+    criterion = YoloLoss(cfg.S, cfg.B, len(class_names), cfg.lambda_coord, cfg.lambda_noobj, cfg.rescore)
+    decay, no_decay = [], []
+    for n_, p_ in model.named_parameters():
+        (no_decay if p_.ndim <= 1 else decay).append(p_)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), fused=fused or None)
+    steps_per_epoch = train_sampler.num_samples // per_proc   # the loader drops the last partial batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step / steps_per_epoch, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
+
+    # ---- resume
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0}
+    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
+        ckpt = load_checkpoint(resume_path)
+        check_config_compatible(ckpt["model_config"], model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
+        if list(ckpt["class_names"]) != list(class_names):
+            raise ValueError(f"{resume_path} was trained on classes {ckpt['class_names']}, not {list(class_names)}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state.update(ckpt["state"])
+        set_rng_state(ckpt["rng"])
+        if is_main:
+            print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
+    raw_model = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    writer = SummaryWriter(str(out_dir)) if is_main else None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": model_cfg.to_dict(),
+                                                          "class_names": list(class_names)}, indent=2))
+        print(f"run folder: {out_dir}  (tensorboard --logdir {out_dir.parent})")
+
+    def checkpoint(name: str) -> None:
+        if not is_main:
+            return
+        save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
+                         "config": asdict(cfg), "model_config": model_cfg.to_dict(),
+                         "class_names": list(class_names), "rng": rng_state()}, out_dir / name)
+
+    # ---- the loop
+    history = []
+    last_result = None
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        train_set.set_epoch(epoch)
+        train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
+        train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
+                                  **{**loader_kw, "persistent_workers": False})
+        losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
+                                 writer, is_main, checkpoint, steps_per_epoch)
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if is_main:
+            print(f"epoch {epoch + 1}: train {format_loss(losses)}")
+        if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
+            last_result = evaluate(model, val_loader, val_set, cfg, model_cfg, device)
+            history.append({"epoch": epoch + 1, "map": last_result["map"]})
+            if is_main:
+                print(format_table(last_result))
+                writer.add_scalar("val/mAP50", last_result["map"], state["step"])
+                for name, ap in last_result["ap"].items():
+                    if not math.isnan(ap):
+                        writer.add_scalar(f"val_AP50/{name}", ap, state["step"])
+            if last_result["map"] > state["best_map"]:
+                state["best_map"] = last_result["map"]
+                checkpoint("best.pt")
+        checkpoint("last.pt")
+
+    if is_main and last_result is not None:
+        metrics = {"metric": last_result["metric"], "final_map": last_result["map"], "best_map": state["best_map"],
+                   "epochs": state["epoch"], "history": history,
+                   "final_ap": {k: (None if math.isnan(v) else v) for k, v in last_result["ap"].items()}}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(f"final mAP ({last_result['metric']}): {last_result['map']:.4f} | best: {state['best_map']:.4f} "
+              f"| {out_dir / 'metrics.json'}")
+    if writer:
+        writer.close()
+    cleanup_distributed()
+    return {"out_dir": str(out_dir), "best_map": state["best_map"],
+            "final_map": last_result["map"] if last_result else None}
+
+
+if __name__ == "__main__":
+    main()

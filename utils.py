@@ -1,0 +1,301 @@
+"""Shared helpers: boxes, prediction decoding, checkpoints, seeding, distributed setup, logging.
+
+Box conventions (stated once, here):
+
+* Pixel boxes are ``xyxy`` in continuous 0-based pixel coordinates: pixel column i covers
+  ``[i, i+1)``. A VOC box with 1-based inclusive corners ``(xmin, ymin, xmax, ymax)`` is
+  ``(xmin - 1, ymin - 1, xmax, ymax)`` here, so width = ``xmax - xmin + 1`` in both.
+* Normalised boxes are the same divided by image width / height (0..1).
+* Cell boxes are ``(x, y, sqrt_w, sqrt_h)`` as the model predicts them (see model.py).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from model import split_output
+
+
+# ----------------------------------------------------------------------------- boxes
+
+def box_iou_elementwise(a: Tensor, b: Tensor, eps: float = 1e-9) -> Tensor:
+    """IoU of corresponding boxes: ``a[..., 4]`` and ``b[..., 4]`` in ``xyxy``, broadcast together.
+
+    The diagonal of ``torchvision.ops.box_iou`` without the N x M matrix (the loss needs one IoU
+    per predictor, not all pairs). Degenerate boxes (x2 < x1) count as empty; returns 0 where
+    the union is empty.
+    """
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    union = area_a + area_b - inter
+    return inter / union.clamp(min=eps)
+
+
+def cell_boxes_to_xyxy(boxes: Tensor, S: int) -> Tensor:
+    """Cell boxes ``(..., S, S, B, 4)`` as ``(x, y, sqrt_w, sqrt_h)`` -> normalised ``xyxy``.
+
+    Dims -4 and -3 are (row, col); x, y are offsets in the cell, so the centre is
+    ``((col + x) / S, (row + y) / S)`` and the size is ``(sqrt_w ** 2, sqrt_h ** 2)``.
+    """
+    idx = torch.arange(S, device=boxes.device, dtype=boxes.dtype)
+    cx = (boxes[..., 0] + idx.view(S, 1)) / S       # col index varies along dim -2 of (S, S, B)
+    cy = (boxes[..., 1] + idx.view(S, 1, 1)) / S
+    w, h = boxes[..., 2].square(), boxes[..., 3].square()
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+@torch.no_grad()
+def decode_predictions(out: Tensor, B: int, C: int, image_sizes: Tensor, conf_threshold: float = 0.001,
+                       nms_iou: float = 0.5, max_det: int = 300) -> list[dict[str, Tensor]]:
+    """Raw outputs ``(N, S, S, 5B+C)`` -> per image ``{"boxes": (K, 4), "scores": (K,), "labels": (K,)}``.
+
+    Boxes are ``xyxy`` pixels of the original image (``image_sizes (N, 2)`` as ``(height, width)``),
+    clipped to it. Each of the S*S*B boxes gets a class-specific score for every class,
+    ``conf * Pr(class | object)`` (paper eq. 2; both factors clamped to [0, 1] since the outputs
+    are linear), scores <= ``conf_threshold`` are dropped, then per-class NMS at ``nms_iou`` and the
+    ``max_det`` best are kept, sorted by score.
+    """
+    N, S = out.shape[0], out.shape[1]
+    boxes, conf, cls = split_output(out.float(), B, C)
+    xyxy = cell_boxes_to_xyxy(boxes, S).reshape(N, -1, 4)                  # (N, S*S*B, 4) normalised
+    scale = image_sizes.to(xyxy).flip(-1).repeat(1, 2).unsqueeze(1)        # (N, 1, 4) as w, h, w, h
+    xyxy = torch.minimum((xyxy * scale).clamp(min=0), scale)
+    scores = conf.clamp(0, 1).unsqueeze(-1) * cls.clamp(0, 1).unsqueeze(-2)  # (N, S, S, B, C)
+    scores = scores.reshape(N, -1, C)                                      # (N, S*S*B, C)
+    results = []
+    for n in range(N):
+        box_i, label = (scores[n] > conf_threshold).nonzero(as_tuple=True)
+        b, s = xyxy[n, box_i], scores[n, box_i, label]
+        nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])   # clipping can leave boxes of zero area
+        b, s, label = b[nonempty], s[nonempty], label[nonempty]
+        keep = batched_nms(b, s, label, nms_iou)[:max_det]
+        results.append({"boxes": b[keep], "scores": s[keep], "labels": label[keep]})
+    return results
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, B: int, C: int, device: torch.device, amp: bool = False,
+            conf_threshold: float = 0.001, nms_iou: float = 0.5, max_det: int = 300, channels_last: bool = False,
+            progress: bool = True) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Run a detector over a loader of ``(uint8 images, target, info)`` batches (dataset.py) and
+    decode. Returns ``[(dataset index, boxes px xyxy (K, 4), scores (K,), labels (K,))]`` sorted by
+    index, gathered from every process: with a :class:`ShardSampler` each image appears once."""
+    from dataset import MEAN, STD, color_normalize   # dataset imports nothing of utils; kept local for clarity
+    from tqdm import tqdm
+    model.eval()
+    preds = []
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    for batch in tqdm(loader, desc="predict", disable=not (progress and is_main), leave=False, dynamic_ncols=True):
+        if batch is None:
+            continue
+        images, _, info = batch
+        x = color_normalize(images.to(device, non_blocking=True), mean=MEAN, std=STD)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
+            out = model(x)
+        results = decode_predictions(out.float(), B, C, info[:, 1:3].to(device), conf_threshold, nms_iou, max_det)
+        for idx, r in zip(info[:, 0].long().tolist(), results):
+            preds.append((idx, r["boxes"].cpu().double().numpy(), r["scores"].cpu().double().numpy(),
+                          r["labels"].cpu().numpy()))
+    preds = [p for part in all_gather_objects(preds) for p in part]
+    preds.sort(key=lambda p: p[0])
+    return preds
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``obj`` with ``torch.save`` atomically: to a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``. A crash mid-write leaves the old file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (never unpickles code); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}. "
+                         "It is corrupt, truncated, or holds objects other than tensors and "
+                         "plain Python data; it will not be loaded unsafely.") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
+    """Raise ``ValueError`` naming every key in ``keys`` whose value differs between two configs."""
+    diffs = [f"{k}: {saved.get(k)!r} in {source}, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError(f"{source} was trained with an incompatible configuration:\n  " + "\n  ".join(diffs))
+
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states (python, numpy, torch, CUDA) as plain data loadable with weights_only=True."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_plain(random.getstate()),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(x: Any) -> Any:
+    return [_to_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+# ----------------------------------------------------------------------------- runtime
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch; with ``deterministic`` also ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (``WORLD_SIZE`` set).
+
+    Returns ``(rank, world_size, local_rank, device)``. NCCL on CUDA, gloo on CPU. Without
+    torchrun: rank 0 of 1 on ``device_arg`` ("auto" picks CUDA when present).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available")
+        device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local_rank, device
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Gather one picklable object from every process (a one-element list without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device supports it (CPU, Ampere+ GPUs), else fp16 (needs a GradScaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class AverageMeter:
+    """Running sum/count/average of a scalar, as in pytorch/examples."""
+
+    def __init__(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
+
+
+def format_loss(terms: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in terms.items())
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every sample on exactly one process, none repeated.
+
+    For evaluation: DistributedSampler pads the last shard with repeated samples, which would
+    count some images twice in a metric.
+    """
+
+    def __init__(self, length: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (also for one process) that can start mid-epoch.
+
+    The order of an epoch depends only on (seed, epoch), as in DistributedSampler; ``start``
+    samples of this process's share are skipped, so a run resumed after ``k`` steps of an epoch
+    sees exactly the batches an uninterrupted run would have seen next.
+    """
+
+    def __init__(self, dataset, world: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=world > 1)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
