@@ -229,14 +229,16 @@ def encode_target(boxes: Tensor, labels: Tensor, image_size: int, S: int, C: int
     target = torch.zeros(S, S, 5 + C)
     if len(boxes) == 0:
         return target
-    b = boxes.float() / image_size
-    cx, cy = (b[:, 0] + b[:, 2]) / 2 * S, (b[:, 1] + b[:, 3]) / 2 * S
+    b = boxes.double()
+    cx = (b[:, 0] + b[:, 2]) * S / (2 * image_size)     # centre in cell units; exact on cell borders
+    cy = (b[:, 1] + b[:, 3]) * S / (2 * image_size)
+    b = b / image_size
     col, row = cx.floor().clamp(0, S - 1).long(), cy.floor().clamp(0, S - 1).long()
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     order = torch.argsort(-area, stable=True).tolist()    # largest first, ties in listed order
     for i in order[::-1]:                                   # written last = kept
         r, c = row[i], col[i]
-        target[r, c, :4] = torch.stack([cx[i] - c, cy[i] - r, b[i, 2] - b[i, 0], b[i, 3] - b[i, 1]])
+        target[r, c, :4] = torch.stack([cx[i] - c, cy[i] - r, b[i, 2] - b[i, 0], b[i, 3] - b[i, 1]]).float()
         target[r, c, 4] = 1
         target[r, c, 5:] = 0
         target[r, c, 5 + labels[i]] = 1
@@ -269,7 +271,8 @@ def read_image(path: Path) -> Tensor:
 
 
 def torchvision_read(path: Path) -> Tensor:
-    return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    data = Path(path).read_bytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def image_header_size(data: Tensor, path: Path) -> tuple[int, int]:

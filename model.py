@@ -42,6 +42,9 @@ FAST_LAYERS: list = [
     (3, 256, 1), "M", (3, 512, 1), "M", (3, 1024, 1),
 ]
 FAST_HEAD_CONVS: list = [(3, 1024, 1), (3, 1024, 1)]
+# The small network both training scripts use on their generated demo data (CPU-sized), so that a
+# demo pretraining checkpoint's backbone fits the demo detector.
+DEMO_MODEL: dict = {"width": 0.125, "batch_norm": True}
 
 
 @dataclass

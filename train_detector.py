@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize
 from loss import YoloLoss
-from model import YoloConfig, YOLOv1, count_params_flops, load_backbone
+from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
                    cleanup_distributed, format_loss, load_checkpoint, predict, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, setup_distributed)
@@ -42,7 +42,7 @@ RECIPES = {
                 val_set="2007-test", eval_interval=5, workers=8),
     "demo": dict(epochs=30, batch_size=32, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
                  warmup_epochs=1, warmup_lr=1e-4, lr_steps="22,27", lr_gamma=0.1, image_size=192,
-                 width=0.25, batch_norm=True, variant="yolo", train_set="2007-trainval",
+                 **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
                  val_set="2007-test", eval_interval=5, workers=2),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
