@@ -372,6 +372,26 @@ class VOCDetection(Dataset):
         b = torch.from_numpy(ann.boxes).float()
         return torch.stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], 1)
 
+    def check_images(self, decode: bool = True, progress: bool = False) -> list[tuple[str, str]]:
+        """Open every image (``decode=False``: headers only, fast) and return ``(file, reason)`` for
+        each one that would be skipped in training, plus annotation sizes that disagree with the
+        real image (the real size is what the boxes are clipped to)."""
+        from tqdm import tqdm
+        problems = []
+        for path, ann in tqdm(self.items, desc="checking images", disable=not progress, leave=False):
+            try:
+                if decode:
+                    H, W = read_image(path).shape[-2:]
+                else:
+                    W, H = image_header_size(torchvision_read(path), path)
+            except (DataError, OSError) as e:
+                problems.append((str(path), str(e).split(": ", 1)[-1] + "; image skipped"))
+                continue
+            if ann.width and ann.height and (ann.width, ann.height) != (W, H) and (ann.height, ann.width) != (W, H):
+                problems.append((str(path), f"annotation says {ann.width}x{ann.height}, image is {W}x{H}; "
+                                            "the real size is used"))
+        return problems
+
     def __getitem__(self, index: int):
         path, ann = self.items[index]
         try:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (AverageMeter, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
+from utils import (AverageMeter, GracefulStop, all_ranks, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
                    cleanup_distributed, format_loss, load_checkpoint, predict, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
@@ -55,6 +55,7 @@ class TrainConfig:
     train_set: str = ""
     val_set: str = ""
     keep_difficult: bool = False
+    augment: bool = True
     epochs: int = 0
     batch_size: int = 0          # global, over all processes
     lr: float = 0.0              # peak LR for the global batch size
@@ -93,6 +94,7 @@ class TrainConfig:
     save_every_steps: int = 0
     max_bad_steps: int = 5
     log_interval: int = 10
+    check_data: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -103,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--train-set", default="", help=f"image sets joined by '+', e.g. 2007-trainval+2012-trainval {r}")
     p.add_argument("--val-set", default="", help=f"image set to evaluate mAP on, e.g. 2007-test {r}")
     p.add_argument("--keep-difficult", action="store_true", help="keep VOC 'difficult' objects in the training targets")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="turn off the paper's augmentation (scale/translate, exposure/saturation, flip)")
     p.add_argument("--epochs", type=int, default=0, help=f"epochs {r}")
     p.add_argument("--batch-size", type=int, default=0, help=f"global batch size over all processes {r}")
     p.add_argument("--lr", type=float, default=0.0, help=f"peak learning rate {r}")
@@ -141,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite steps")
     p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard loss points")
+    p.add_argument("--check-data", action="store_true", help="decode every image, print every data problem, and exit")
     args = vars(p.parse_args(argv))
     for k, v in RECIPES[args["data"]].items():
         if args[k] in (0, 0.0, "", None, -1):
@@ -160,43 +165,59 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     return cfg.lr_gamma ** sum(epoch >= s for s in steps)
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg, state, device, writer, is_main,
-                    checkpoint_fn, steps_per_epoch):
+def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg: TrainConfig, state: dict, device,
+                    writer, is_main: bool, checkpoint_fn, steps_per_epoch: int, stopper: GracefulStop,
+                    log_file=None) -> dict:
+    """One pass over ``loader``. A step whose loss or gradient is not finite changes nothing (weights,
+    optimizer state and BatchNorm statistics are left as they were); it is logged and counted, and
+    ``cfg.max_bad_steps`` of them in a row stop the run. Returns the epoch's mean loss terms."""
     model.train()
     amp_dtype = autocast_dtype(device)
     meters = {k: AverageMeter() for k in ("total", "coord", "obj", "noobj", "cls")}
+    per_proc = cfg.batch_size // (dist.get_world_size() if dist.is_initialized() else 1)
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
     for batch in bar:
+        n = 0 if batch is None else batch[0].shape[0]
+        state["skipped_images"] += per_proc - n          # unreadable images dropped by collate_skip_none
         if batch is None:
             continue
         images, target, info = batch
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        x = color_normalize(images, info[:, 3], info[:, 4], MEAN, STD)
+        x = color_normalize(images, info[:, 3], info[:, 4], MEAN, STD)   # colour augmentation, on the device
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        buffers = [b.clone() for b in model.buffers()]   # BatchNorm statistics, restored after a bad step
         with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
             out = model(x)
         terms = criterion(out.float(), target)
-        loss = terms["total"]
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        params = [p for p in model.parameters() if p.grad is not None]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gnorm))
-        if finite or scaler.is_enabled():
-            scaler.step(optimizer)   # with fp16, the scaler itself skips non-finite steps and lowers its scale
-            scaler.update()
+        finite = all_ranks(torch.isfinite(terms["total"]))
+        if finite:
+            scaler.scale(terms["total"]).backward()
+            scaler.unscale_(optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+            if scaler.is_enabled():
+                scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
+                scaler.update()
+            elif torch.isfinite(gnorm):
+                optimizer.step()
+            else:
+                finite = False
+        vals = {k: v.item() for k, v in terms.items()}
         if finite:
             state["bad_steps"] = 0
+            for k, v in vals.items():
+                meters[k].update(v, n)
         else:
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
             state["bad_steps"] += 1
             state["skipped_steps"] += 1
-            vals = {k: float(v) for k, v in terms.items()}
-            tqdm.write(f"non-finite loss or gradient at step {state['step']}: {format_loss(vals)}; step skipped")
+            if is_main:
+                tqdm.write(f"non-finite loss or gradient at step {state['step']}: {format_loss(vals)}; step skipped")
             if writer:
                 writer.add_scalar("train/skipped_steps", state["skipped_steps"], state["step"])
             if state["bad_steps"] >= cfg.max_bad_steps:
@@ -205,21 +226,21 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg,
         scheduler.step()
         state["step"] += 1
         state["step_in_epoch"] += 1
-        n = images.shape[0]
         seen += n
-        if finite:
-            for k, v in terms.items():
-                meters[k].update(float(v), n)
         if is_main:
             rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{meters['total'].avg:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+            if log_file:
+                log_file.write(json.dumps({"step": state["step"], "epoch": state["epoch"], **vals}) + "\n")
             if writer and state["step"] % cfg.log_interval == 0:
-                for k, v in terms.items():
-                    writer.add_scalar(f"train/loss_{k}", float(v), state["step"])
+                for k, v in vals.items():
+                    writer.add_scalar(f"train/loss_{k}", v, state["step"])
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
                 writer.add_scalar("train/images_per_s", rate, state["step"])
         if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0:
             checkpoint_fn("last.pt")
+        if stopper.requested():
+            break
     bar.close()
     return {k: m.avg for k, m in meters.items()}
 
@@ -242,12 +263,16 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
     seed_everything(cfg.seed + rank, cfg.deterministic)
+    if device.type == "cpu":   # compute threads + loader processes = cores: oversubscription stalls both
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - max(cfg.workers, 0)))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # ---- run folder
     base = Path(cfg.out_dir or f"runs/detector/{cfg.data}")
+    if not cfg.out_dir and cfg.resume not in ("", "auto"):
+        base = Path(cfg.resume).parent          # continue in the resumed run's folder
     out_dir = base
     if not cfg.out_dir and cfg.resume != "auto" and not cfg.resume:
         k = 2
@@ -258,8 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- data
     if cfg.data == "demo":
         from demo_data import DEMO_CLASSES, make_demo_voc
-        if is_main:
-            make_demo_voc(cfg.data_root or "data/demo")
+        demo_root = Path(cfg.data_root or "data/demo")
+        if is_main and not (demo_root / "VOCdevkit").is_dir():
+            make_demo_voc(demo_root)
         if dist.is_initialized():
             dist.barrier()
         data_root, class_names = cfg.data_root or "data/demo", DEMO_CLASSES
@@ -269,18 +295,28 @@ def main(argv: list[str] | None = None) -> dict:
         data_root, class_names = cfg.data_root, VOC_CLASSES
     model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
                            batch_norm=bool(cfg.batch_norm), width=cfg.width, dropout=cfg.dropout)
-    train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=True,
+    train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
                              keep_difficult=cfg.keep_difficult, seed=cfg.seed)
     val_set = VOCDetection(data_root, cfg.val_set, class_names, cfg.image_size, cfg.S, train=False)
+    # Data problems: annotation and list problems were collected while indexing; images are checked
+    # here by header (--check-data decodes every one). All are reported, none stops training.
+    data_report = {}
+    for name, ds in (("train", train_set), ("val", val_set)):
+        image_problems = ds.check_images(decode=cfg.check_data, progress=is_main)
+        data_report[name] = ds.report + image_problems
     if is_main:
         print(f"config: {json.dumps(asdict(cfg))}")
         for name, ds in (("train", train_set), ("val", val_set)):
+            rep = data_report[name]
             print(f"{name}: {len(ds)} images from {ds.root} ({cfg.train_set if name == 'train' else cfg.val_set}); "
-                  f"{len(ds.report)} data problems handled")
-            for where, why in ds.report[:20]:
+                  f"{len(rep)} data problems found and handled")
+            for where, why in rep[: None if cfg.check_data else 20]:
                 print(f"  {where}: {why}")
-            if len(ds.report) > 20:
-                print(f"  ... and {len(ds.report) - 20} more (python train_detector.py --check-data lists all)")
+            if len(rep) > 20 and not cfg.check_data:
+                print(f"  ... and {len(rep) - 20} more (--check-data lists them all)")
+    if cfg.check_data:
+        cleanup_distributed()
+        return {"data_report": data_report}
     per_proc = cfg.batch_size // world
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none,
@@ -316,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
 
     # ---- resume
-    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0}
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0,
+             "skipped_images": 0}
     resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
     if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
         ckpt = load_checkpoint(resume_path)
@@ -343,6 +380,10 @@ def main(argv: list[str] | None = None) -> dict:
         (out_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": model_cfg.to_dict(),
                                                           "class_names": list(class_names)}, indent=2))
         print(f"run folder: {out_dir}  (tensorboard --logdir {out_dir.parent})")
+        for name, rep in data_report.items():
+            writer.add_scalar(f"data/{name}_problems", len(rep), state["step"])
+            if rep:
+                writer.add_text(f"data/{name}_report", "\n\n".join(f"`{w}`: {y}" for w, y in rep[:1000]), state["step"])
 
     def checkpoint(name: str) -> None:
         if not is_main:
@@ -355,15 +396,33 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- the loop
     history = []
     last_result = None
+    stopper = GracefulStop()
+    # Every step's loss terms, one JSON line each (after a crash, the steps redone after resuming
+    # appear again: the last line for a step is the one that counts).
+    log_file = open(out_dir / "train_log.jsonl", "a", buffering=1) if is_main else None
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         train_set.set_epoch(epoch)
         train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
+        # The loader's own generator keeps worker seeding out of the global RNG (dropout), so a
+        # resumed run draws exactly the random numbers an uninterrupted one would.
         train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
+                                  generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
                                   **{**loader_kw, "persistent_workers": False})
         losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
-                                 writer, is_main, checkpoint, steps_per_epoch)
+                                 writer, is_main, checkpoint, steps_per_epoch, stopper, log_file)
+        if stopper.signum is not None:
+            checkpoint("last.pt")
+            if is_main:
+                print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
+                      f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto)")
+            if writer:
+                writer.close()
+            cleanup_distributed()
+            sys.exit(stopper.exit_code)
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if writer:
+            writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
         if is_main:
             print(f"epoch {epoch + 1}: train {format_loss(losses)}")
         if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
@@ -389,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"| {out_dir / 'metrics.json'}")
     if writer:
         writer.close()
+    if log_file:
+        log_file.close()
     cleanup_distributed()
     return {"out_dir": str(out_dir), "best_map": state["best_map"],
             "final_map": last_result["map"] if last_result else None}

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -299,3 +303,50 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class GracefulStop:
+    """SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) set a flag instead of killing the process;
+    the training loop checks :meth:`requested` at each step boundary, saves a checkpoint and exits.
+
+    Under torchrun the flag is OR-reduced over all processes, so every rank stops at the same step.
+    A second SIGINT while stopping raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> bool:
+        flag = self.signum is not None
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+            if flag and self.signum is None:
+                self.signum = signal.SIGTERM
+        return flag
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.signum == signal.SIGINT else 0
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def all_ranks(flag: Tensor | bool) -> bool:
+    """True when ``flag`` holds on every process (one all-reduce under torchrun), so that all ranks
+    take the same branch, e.g. skipping a step whose loss is NaN on one of them."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.as_tensor(flag, dtype=torch.float32).reshape(1)
+    t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

@@ -1,0 +1,286 @@
+"""Tests of imagenet.py: the ImageNet layouts (class folders, flat val + LOC_val_solution.csv, flat
+val + devkit ground truth), the --prepare-val helper, the crops and the dataset items. CPU only,
+tiny generated trees (demo_data.make_demo_imagenet / make_flat_val)."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dataset import DataError, collate_skip_none  # noqa: E402
+from demo_data import DEMO_WNID_NAMES, DEMO_WNIDS, make_demo_imagenet, make_flat_val  # noqa: E402
+from imagenet import (ImageNetClassification, eval_transform, load_imagenet, prepare_val,  # noqa: E402
+                      random_resized_crop_box, read_devkit_ground_truth, read_val_solution, val_labels)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """8 classes x 2 train images, 8 x 2 val images in class folders, plus the Kaggle files."""
+    return make_demo_imagenet(tmp_path_factory.mktemp("inet") / "demo_imagenet", n_train_per_class=2,
+                              n_val_per_class=2, seed=0)
+
+
+def _truth(tree: Path) -> dict[str, str]:
+    """Ground truth read straight off the generated class folders: {image id: wnid}."""
+    return {p.stem: p.parent.name for p in (tree / "val").glob("*/*.JPEG")}
+
+
+def _flat_copy(tree: Path, dst: Path, with_csv: bool = True) -> Path:
+    """An ImageNet root whose val/ is the official flat folder (train/ shared by a symlink)."""
+    dst.mkdir(parents=True)
+    (dst / "train").symlink_to(tree / "train", target_is_directory=True)
+    make_flat_val(tree, dst / "val")
+    if with_csv:
+        shutil.copy(tree / "LOC_val_solution.csv", dst)
+    shutil.copy(tree / "LOC_synset_mapping.txt", dst)
+    return dst
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_ino, p.stat().st_mtime_ns,
+                                       None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def _labels_by_id(ds: ImageNetClassification) -> dict[str, str]:
+    return {p.stem: ds.class_names[label] for p, label in ds.samples}
+
+
+# --- layouts --------------------------------------------------------------------------------------
+
+def test_class_folder_layout(tree: Path) -> None:
+    data = load_imagenet(tree, 64)
+    assert data.class_names == sorted(DEMO_WNIDS)
+    assert data.class_labels == [DEMO_WNID_NAMES[w] for w in sorted(DEMO_WNIDS)]
+    assert data.val_layout == "class folders"
+    assert len(data.train) == 16 and len(data.val) == 16
+    for p, label in data.train.samples:
+        assert p.parent.name == data.class_names[label]
+    assert _labels_by_id(data.val) == _truth(tree)
+
+
+def test_kaggle_layout_is_found_under_ilsvrc_data_cls_loc(tree: Path, tmp_path: Path) -> None:
+    inner = tmp_path / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
+    inner.mkdir(parents=True)
+    (inner / "train").symlink_to(tree / "train", target_is_directory=True)
+    make_flat_val(tree, inner / "val")
+    shutil.copy(tree / "LOC_val_solution.csv", tmp_path / "kaggle")
+    shutil.copy(tree / "LOC_synset_mapping.txt", tmp_path / "kaggle")
+    data = load_imagenet(tmp_path / "kaggle", 64)
+    assert data.root == inner
+    assert data.val_layout.startswith("flat folder labelled by") and "LOC_val_solution.csv" in data.val_layout
+    assert _labels_by_id(data.val) == _truth(tree)
+    assert data.class_labels[0] == DEMO_WNID_NAMES[sorted(DEMO_WNIDS)[0]]
+
+
+def test_flat_val_with_loc_val_solution(tree: Path, tmp_path: Path) -> None:
+    root = _flat_copy(tree, tmp_path / "flat")
+    assert not any(p.is_dir() for p in (root / "val").iterdir())
+    data = load_imagenet(root, 64)
+    assert _labels_by_id(data.val) == _truth(tree)
+    assert [p.name for p, _ in data.val.samples] == sorted(p.name for p in (root / "val").iterdir())
+
+
+def test_read_val_solution_takes_the_wnid_of_every_box(tmp_path: Path) -> None:
+    f = tmp_path / "sol.csv"
+    f.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4 \n"
+                 "ILSVRC2012_val_00000002,n09193705 5 6 7 8 n09193705 1 1 9 9 \n")
+    assert read_val_solution(f) == {"ILSVRC2012_val_00000001": "n01751748", "ILSVRC2012_val_00000002": "n09193705"}
+    f.write_text("ImageId,PredictionString\nILSVRC2012_val_00000002,n09193705 5 6 7 8 n01751748 1 1 9 9\n")
+    with pytest.raises(DataError, match=r"sol.csv:2: .*several classes"):
+        read_val_solution(f)
+    f.write_text("ImageId,PredictionString\n../escape,n09193705 5 6 7 8\n")
+    with pytest.raises(DataError, match="unsafe"):
+        read_val_solution(f)
+
+
+def _write_devkit(tree: Path, folder: Path) -> tuple[Path, Path]:
+    """Devkit files for the demo's val set with ILSVRC2012_IDs in a non-sorted (reversed) wnid
+    order, as meta.mat's IDs are: line k of the synsets file is ID k."""
+    folder.mkdir(parents=True, exist_ok=True)
+    id_order = list(reversed(DEMO_WNIDS))
+    synsets = folder / "synsets.txt"
+    synsets.write_text("".join(f"{w} {DEMO_WNID_NAMES[w]}\n" for w in id_order))
+    truth = _truth(tree)
+    gt = folder / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("".join(f"{id_order.index(truth[f'ILSVRC2012_val_{i:08d}']) + 1}\n"
+                          for i in range(1, len(truth) + 1)))
+    return gt, synsets
+
+
+def test_flat_val_with_devkit_ground_truth(tree: Path, tmp_path: Path) -> None:
+    root = _flat_copy(tree, tmp_path / "flat", with_csv=False)
+    gt, synsets = _write_devkit(tree, tmp_path / "devkit")
+    data = load_imagenet(root, 64, devkit_gt=str(gt), devkit_synsets=str(synsets))
+    assert _labels_by_id(data.val) == _truth(tree)
+    assert "ground_truth" in data.val_layout
+    # The same file read with the IDs in sorted order would mislabel: the order matters.
+    assert read_devkit_ground_truth(gt, synsets)["ILSVRC2012_val_00000001"] == _truth(tree)["ILSVRC2012_val_00000001"]
+
+
+def test_devkit_errors_name_file_and_line(tmp_path: Path) -> None:
+    synsets = tmp_path / "synsets.txt"
+    synsets.write_text("n00000002\nn00000001\n")
+    gt = tmp_path / "gt.txt"
+    gt.write_text("1\n3\n")
+    with pytest.raises(DataError, match=r"gt.txt:2: ILSVRC2012_ID 3 is outside 1..2"):
+        read_devkit_ground_truth(gt, synsets)
+    gt.write_text("2\nx\n")
+    with pytest.raises(DataError, match=r"gt.txt:2: 'x' is not an ILSVRC2012_ID"):
+        read_devkit_ground_truth(gt, synsets)
+    gt.write_text("2\n1\n\n")
+    assert read_devkit_ground_truth(gt, synsets) == {"ILSVRC2012_val_00000001": "n00000001",
+                                                     "ILSVRC2012_val_00000002": "n00000002"}
+    synsets.write_text("n00000002\n\nn00000001\n")
+    with pytest.raises(DataError, match=r"synsets.txt:2: blank line"):
+        read_devkit_ground_truth(gt, synsets)
+    with pytest.raises(DataError, match="--devkit-synsets"):
+        val_labels(tmp_path, tmp_path, devkit_gt=str(gt))
+
+
+def test_flat_val_problems_fail_loudly(tree: Path, tmp_path: Path) -> None:
+    root = _flat_copy(tree, tmp_path / "flat", with_csv=False)
+    with pytest.raises(DataError, match="flat folder and no labels"):
+        load_imagenet(root, 64)
+    rows = list(csv.reader((tree / "LOC_val_solution.csv").open()))
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows[:-1])             # one image left without a label
+    with pytest.raises(DataError, match=rf"{rows[-1][0]}.JPEG: no label"):
+        load_imagenet(root, 64)
+    rows[1][1] = "n99999999 1 1 5 5"                    # a class that train/ does not have
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DataError, match=r"labelled n99999999 .* not one of the 8 train classes"):
+        load_imagenet(root, 64)
+
+
+def test_mixed_val_layout_is_refused(tree: Path, tmp_path: Path) -> None:
+    root = _flat_copy(tree, tmp_path / "flat")
+    (root / "val" / DEMO_WNIDS[0]).mkdir()
+    first = sorted((root / "val").glob("*.JPEG"))[0]
+    os.rename(first, root / "val" / DEMO_WNIDS[0] / first.name)
+    with pytest.raises(DataError, match="both class folders and .* loose images.*--prepare-val"):
+        load_imagenet(root, 64)
+
+
+def test_unknown_val_class_folder_is_refused(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    shutil.copytree(tree, root)
+    shutil.copytree(root / "val" / DEMO_WNIDS[0], root / "val" / "n12345678")
+    with pytest.raises(DataError, match="n12345678: val class not among the 8 train classes"):
+        load_imagenet(root, 64)
+
+
+# --- --prepare-val --------------------------------------------------------------------------------
+
+def test_prepare_val_arranges_safely_and_second_run_changes_nothing(tree: Path, tmp_path: Path) -> None:
+    root = _flat_copy(tree, tmp_path / "flat")
+    (root / "val" / "notes.JPEG").write_bytes(b"an unlabelled loose file")
+    truth = _truth(tree)
+    labels = read_val_solution(root / "LOC_val_solution.csv")
+    labels["ILSVRC2012_val_99999999"] = DEMO_WNIDS[0]       # labelled, but no such image
+    report = prepare_val(root / "val", labels)
+    assert (report.moved, report.already) == (len(truth), 0)
+    assert report.missing == ["ILSVRC2012_val_99999999"] and report.unlabelled == ["notes.JPEG"]
+    # Every image is now in its class folder with its original bytes; nothing else moved.
+    for image_id, wnid in truth.items():
+        moved = root / "val" / wnid / f"{image_id}.JPEG"
+        assert moved.read_bytes() == (tree / "val" / wnid / f"{image_id}.JPEG").read_bytes()
+    assert sorted(p.name for p in (root / "val").iterdir() if p.is_file()) == ["notes.JPEG"]
+    before = _snapshot(root / "val")
+    report = prepare_val(root / "val", labels)
+    assert (report.moved, report.already) == (0, len(truth))
+    assert _snapshot(root / "val") == before
+    (root / "val" / "notes.JPEG").unlink()
+    data = load_imagenet(root, 64)
+    assert data.val_layout == "class folders" and _labels_by_id(data.val) == truth
+
+
+def test_prepare_val_refuses_to_overwrite_a_different_file(tree: Path, tmp_path: Path) -> None:
+    root = _flat_copy(tree, tmp_path / "flat")
+    labels = read_val_solution(root / "LOC_val_solution.csv")
+    image_id = sorted(labels)[3]
+    (root / "val" / labels[image_id]).mkdir()
+    squatter = root / "val" / labels[image_id] / f"{image_id}.JPEG"
+    squatter.write_bytes(b"not the same image")
+    before = _snapshot(root / "val")
+    with pytest.raises(FileExistsError, match=rf"{image_id}.JPEG -> .*{image_id}.JPEG \(holds different bytes\)"):
+        prepare_val(root / "val", labels)
+    assert _snapshot(root / "val") == before                 # nothing moved, nothing overwritten
+
+
+def test_prepare_val_finishes_an_interrupted_move(tree: Path, tmp_path: Path) -> None:
+    # A run killed between link and unlink leaves the same file in both places.
+    root = _flat_copy(tree, tmp_path / "flat")
+    labels = read_val_solution(root / "LOC_val_solution.csv")
+    image_id = sorted(labels)[0]
+    (root / "val" / labels[image_id]).mkdir()
+    os.link(root / "val" / f"{image_id}.JPEG", root / "val" / labels[image_id] / f"{image_id}.JPEG")
+    report = prepare_val(root / "val", labels)
+    assert (report.moved, report.already) == (len(labels) - 1, 1)
+    assert not any(p.is_file() for p in (root / "val").iterdir())
+    assert _labels_by_id(load_imagenet(root, 64).val) == _truth(tree)
+
+
+# --- crops and items ------------------------------------------------------------------------------
+
+def test_random_resized_crop_box_bounds_and_fallback() -> None:
+    rng = np.random.default_rng(0)
+    fractions = []
+    for _ in range(2000):
+        top, left, h, w = random_resized_crop_box(200, 300, rng, (0.08, 1.0))
+        assert 0 <= top and top + h <= 200 and 0 <= left and left + w <= 300
+        assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+        fractions.append(h * w / (200 * 300))
+    # Areas span the scale range; on a 3:2 image the largest crop within 4:3 is 266x200 (0.887).
+    assert 0.07 < min(fractions) < 0.12 and 0.85 < max(fractions) <= 0.8867
+    # Scale 1 on a 3:1 image cannot fit any ratio in [3/4, 4/3]: the largest centred 4:3 crop.
+    assert random_resized_crop_box(100, 300, rng, (1.0, 1.0)) == (0, 83, 100, 133)
+    assert random_resized_crop_box(300, 100, rng, (1.0, 1.0)) == (83, 0, 133, 100)
+
+
+def test_eval_transform_resizes_shorter_side_and_centre_crops() -> None:
+    # 300x200 image, size 64: shorter side -> 73 (64 * 256/224), so the crop covers the centre
+    # +-87.7 source pixels; a bright 40x40 square at the source centre lands on output ~[25, 39].
+    img = torch.zeros(3, 200, 300, dtype=torch.uint8)
+    img[:, 80:120, 130:170] = 255
+    out = eval_transform(img, 64)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
+    assert (out[:, 27:37, 27:37] > 200).all()
+    assert (out[:, :22] < 20).all() and (out[:, 42:] < 20).all()
+    assert (out[:, :, :22] < 20).all() and (out[:, :, 42:] < 20).all()
+
+
+def test_items_are_uint8_and_deterministic_per_seed_epoch_index(tree: Path) -> None:
+    data = load_imagenet(tree, 64, seed=1, color_jitter=0.5)
+    image, label, info = data.train[5]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+    assert label == data.train.samples[5][1] and info[0] == 5
+    assert 1 / 1.5 <= info[1] <= 1.5 and 1 / 1.5 <= info[2] <= 1.5
+    again = data.train[5]
+    assert torch.equal(again[0], image) and torch.equal(again[2], info)
+    data.train.set_epoch(1)
+    assert not torch.equal(data.train[5][0], image)
+    val_image, _, val_info = data.val[0]
+    assert val_image.shape == (3, 64, 64) and val_info[1] == 1.0 and val_info[2] == 1.0
+    assert torch.equal(data.val[0][0], val_image)
+
+
+def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    shutil.copytree(tree, root)
+    data = load_imagenet(root, 64)
+    bad = data.train.samples[2][0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.warns(UserWarning, match=str(bad.name)):
+        assert data.train[2] is None
+    with pytest.warns(UserWarning, match=str(bad.name)):
+        batch = collate_skip_none([data.train[i] for i in range(4)])
+    assert batch[0].shape == (3, 3, 64, 64) and batch[1].tolist() == [data.train.samples[i][1] for i in (0, 1, 3)]

@@ -1,0 +1,188 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_detector
+from helpers import TINY, tiny_voc
+from loss import YoloLoss
+from model import YoloConfig, YOLOv1
+from utils import GracefulStop, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, **kw):
+    return train_detector.main(["--data", "demo", *TINY, *args], **kw) if kw else train_detector.main(["--data", "demo", *TINY, *args])
+
+
+def read_log(path: Path) -> dict[int, dict]:
+    """Last logged line per step (steps redone after a crash appear twice; the last one counts)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec
+    return out
+
+
+def test_overfits_a_few_images(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=8)
+    res = run(["--data-root", str(root), "--train-set", "2007-test", "--val-set", "2007-test", "--no-augment",
+               "--width", "0.125", "--image-size", "96", "--batch-size", "8", "--epochs", "60", "--eval-interval", "60",
+               "--lr", "2e-3", "--dropout", "0", "--out-dir", str(tmp_path / "run")])
+    log = read_log(tmp_path / "run" / "train_log.jsonl")
+    assert log[60]["total"] < 0.1 * log[1]["total"]
+    assert res["final_map"] > 0.6
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["metric"] == "VOC07 11-point AP@0.5" and metrics["final_map"] == res["final_map"]
+    for name in ("last.pt", "best.pt", "config.json"):
+        assert (tmp_path / "run" / name).exists()
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "run").iterdir())
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=24, n_test=4)
+    common = [sys.executable, str(ROOT / "train_detector.py"), "--data", "demo", *TINY, "--data-root", str(root),
+              "--epochs", "2", "--eval-interval", "100", "--deterministic", "--save-every-steps", "2", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(common + ["--out-dir", str(full)], check=True, env=env, capture_output=True)
+    crash = tmp_path / "crash"
+    proc = subprocess.Popen(common + ["--out-dir", str(crash)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:   # kill once a mid-epoch checkpoint (step 4 of 6) exists
+        log = crash / "train_log.jsonl"
+        if log.exists() and any(json.loads(l)["step"] >= 5 for l in log.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = load_checkpoint(crash / "last.pt")
+    assert 0 < ckpt["state"]["step"] < 12 and ckpt["state"]["step_in_epoch"] > 0
+    subprocess.run(common + ["--out-dir", str(crash), "--resume", "auto"], check=True, env=env, capture_output=True)
+    a, b = read_log(full / "train_log.jsonl"), read_log(crash / "train_log.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert a[step] == b[step], step      # bitwise: the floats are equal as written
+    wa, wb = load_checkpoint(full / "last.pt")["model"], load_checkpoint(crash / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=24, n_test=4)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_detector.py"), "--data", "demo", *TINY,
+                             "--data-root", str(root), "--epochs", "50", "--out-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "train_log.jsonl").exists()
+                                          and (out / "train_log.jsonl").read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by signal" in output
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["state"]["step"] >= 3 and ckpt["state"]["epoch"] < 50
+
+
+def test_nan_step_changes_nothing_and_repeated_nans_stop(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=12, n_test=4)
+    cfg = train_detector.parse_args(["--data", "demo", *TINY, "--data-root", str(root), "--width", "0.0625"])
+    from dataset import VOCDetection, collate_skip_none
+    from demo_data import DEMO_CLASSES
+    ds = VOCDetection(root, "2007-trainval", DEMO_CLASSES, 64, 7, train=True)
+    loader = torch.utils.data.DataLoader(ds, 4, collate_fn=collate_skip_none)
+    model = YOLOv1(YoloConfig(C=5, image_size=64, width=0.0625, batch_norm=True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    real = YoloLoss(7, 2, 5)
+
+    class NaNAt(torch.nn.Module):   # the loss of the second step is NaN
+        calls = 0
+
+        def forward(self, pred, target):
+            terms = real(pred, target)
+            NaNAt.calls += 1
+            if NaNAt.calls == 2:
+                terms["total"] = terms["total"] * float("nan")
+            return terms
+
+    forwards = []   # the full model state at the start of every forward pass
+    model.register_forward_pre_hook(lambda m, a: forwards.append(
+        {**{k: v.clone() for k, v in m.state_dict().items()},
+         **{f"opt{i}": st["momentum_buffer"].clone() for i, st in enumerate(opt.state.values())}}))
+
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0}
+    stop = GracefulStop()
+    try:
+        train_detector.train_one_epoch(model, NaNAt(), opt, sched, scaler, loader, cfg, state, torch.device("cpu"),
+                                       None, False, lambda name: None, 3, stop)
+        assert state["skipped_steps"] == 1
+        before_nan, after_nan = forwards[1], forwards[2]
+        assert any(k.startswith("opt") for k in before_nan)
+        for k, v in before_nan.items():   # weights, BatchNorm statistics, momentum: bit-identical
+            assert torch.equal(v, after_nan[k]), k
+        assert not torch.equal(forwards[0]["head.fc2.weight"], forwards[1]["head.fc2.weight"])  # good steps do move
+
+        class AlwaysNaN(torch.nn.Module):
+            def forward(self, pred, target):
+                terms = real(pred, target)
+                terms["total"] = terms["total"] * float("inf")
+                return terms
+
+        cfg.max_bad_steps = 2
+        state.update(step_in_epoch=0, bad_steps=0)
+        with pytest.raises(FloatingPointError, match="consecutive non-finite"):
+            train_detector.train_one_epoch(model, AlwaysNaN(), opt, sched, scaler, loader, cfg, state,
+                                           torch.device("cpu"), None, False, lambda name: None, 3, stop)
+    finally:
+        stop.restore()
+
+
+def test_resume_refuses_incompatible_config(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    out = tmp_path / "run"
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out)])
+    with pytest.raises(ValueError, match=r"width: 0\.0625 in .*, 0\.125 now"):
+        run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--width", "0.125"])
+    with pytest.raises(ValueError, match="S: 7 in .*, 5 now"):
+        run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "-S", "5"])
+
+
+def test_malicious_checkpoint_is_refused_and_code_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(ValueError, match="evil.pt.*weights_only"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"a": torch.ones(2)}, path)
+
+    def boom(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
