@@ -1,0 +1,134 @@
+"""Every kind of broken input in one VOC tree: reported by file and reason, never fatal, never silent."""
+import io
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_detector
+from dataset import VOCDetection, read_image
+from demo_data import DEMO_CLASSES
+from helpers import TINY, tiny_voc
+
+XML = """<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"""
+OBJ = "<object><name>{name}</name>{difficult}<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+
+
+def obj(name="circle", x0=10, y0=10, x1=50, y1=60, difficult="<difficult>0</difficult>"):
+    return OBJ.format(name=name, x0=x0, y0=y0, x1=x1, y1=y1, difficult=difficult)
+
+
+def png_bomb(w: int, h: int) -> bytes:
+    """A real 8x8 PNG whose header (with a correct CRC) claims w x h pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+@pytest.fixture
+def bad_tree(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    voc = root / "VOCdevkit" / "VOC2007"
+    good = voc / "JPEGImages" / "000001.jpg"
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    ids = []
+
+    def add(image_id, image_bytes=None, xml=None):
+        ids.append(image_id)
+        if image_bytes is not None:
+            (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes(image_bytes)
+        if xml is not None:
+            (voc / "Annotations" / f"{image_id}.xml").write_text(xml)
+
+    def jpeg(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    std_xml = XML.format(w=160, h=120, objects=obj())
+    add("truncated", good.read_bytes()[: len(good.read_bytes()) // 3], std_xml)
+    add("zerobyte", b"", std_xml)
+    add("notimage", b"<html>this is not a picture</html>", std_xml)
+    add("gray", jpeg(Image.fromarray(rgb[..., 0], "L")), std_xml)
+    add("cmyk", jpeg(Image.fromarray(rgb).convert("CMYK")), std_xml)
+    rgba = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)]), "RGBA").save(rgba, "PNG")
+    add("alpha_png", rgba.getvalue(), std_xml)
+    exif = Image.Exif()
+    exif[0x0112] = 6                     # rotate 90 degrees clockwise when displayed
+    add("exif_rotated", jpeg(Image.fromarray(rgb), exif=exif.tobytes()), XML.format(w=120, h=160, objects=obj()))
+    add("huge", png_bomb(100_000, 100_000), std_xml)
+    add("missing_image", None, std_xml)
+    img = jpeg(Image.fromarray(rgb))
+    add("malformed_xml", img, "<annotation><object><name>circle")
+    add("entity_xml", img, '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY big "xxxx">]><annotation>&big;</annotation>')
+    add("float_coords", img, XML.format(w=160, h=120, objects=obj(x0="10.5", y0="11.2", x1="50.7", y1="60.0")))
+    add("outside", img, XML.format(w=160, h=120, objects=obj(x0=-20, y0=100, x1=400, y1=300)))
+    add("degenerate", img, XML.format(w=160, h=120, objects=obj(x0=50, x1=50) + obj()))
+    add("no_difficult", img, XML.format(w=160, h=120, objects=obj(difficult="")))
+    add("unknown_class", img, XML.format(w=160, h=120, objects=obj(name="unicorn") + obj()))
+    add("no_objects", img, XML.format(w=160, h=120, objects=""))
+    add("size_disagrees", img, XML.format(w=640, h=480, objects=obj()))
+    lst = voc / "ImageSets" / "Main" / "trainval.txt"
+    lines = lst.read_text().splitlines() + ids + ["../../etc/passwd", "sub/dir", "000001"]
+    lst.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def report_of(root):
+    res = train_detector.main(["--data", "demo", *TINY, "--data-root", str(root), "--check-data"])
+    return "\n".join(f"{w}: {y}" for w, y in res["data_report"]["train"])
+
+
+def test_check_data_names_every_problem(bad_tree):
+    text = report_of(bad_tree)
+    expected = {
+        "truncated.jpg": "decode", "zerobyte.jpg": "empty", "notimage.jpg": "not a readable image",
+        "huge.jpg": "decompression bomb", "missing_image.jpg": "missing", "malformed_xml.xml": "malformed",
+        "entity_xml.xml": "DOCTYPE", "degenerate.xml": "degenerate", "unknown_class.xml": "unicorn",
+        "size_disagrees.jpg": "annotation says 640x480", "trainval.txt:": "unsafe image id",
+    }
+    for file, reason in expected.items():
+        assert any(file in line and reason in line for line in text.splitlines()), (file, reason, text)
+    assert "duplicate image id '000001'" in text
+    for fine in ("gray.jpg", "cmyk.jpg", "alpha_png.jpg", "exif_rotated.jpg", "float_coords", "no_difficult",
+                 "no_objects", "outside"):
+        assert fine not in text, fine
+
+
+def test_handled_cases_decode_correctly(bad_tree):
+    voc = bad_tree / "VOCdevkit" / "VOC2007" / "JPEGImages"
+    assert read_image(voc / "gray.jpg").shape == (3, 120, 160)
+    assert read_image(voc / "cmyk.jpg").shape == (3, 120, 160)
+    assert read_image(voc / "alpha_png.jpg").shape == (3, 120, 160)
+    assert read_image(voc / "exif_rotated.jpg").shape == (3, 160, 120)   # displayed orientation
+    ds = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7)
+    by_id = {ds.annotation(i).image_id: i for i in range(len(ds))}
+    ann = ds.annotation(by_id["float_coords"])
+    assert ann.boxes.tolist() == [[10.5, 11.2, 50.7, 60.0]]
+    assert ds.annotation(by_id["no_difficult"]).difficult.tolist() == [False]
+    _, target, _ = ds[by_id["no_objects"]]
+    assert target.sum() == 0
+    _, target, _ = ds[by_id["outside"]]           # clipped to the image: (0, 99)-(160, 120) of 160x120
+    cell = target[..., 4].nonzero()
+    assert len(cell) == 1
+    w, h = target[cell[0, 0], cell[0, 1], 2:4].tolist()
+    assert w == pytest.approx(1.0) and h == pytest.approx(21 / 120, abs=1e-6)
+    assert ds[by_id["truncated"]] is None and ds[by_id["huge"]] is None
+
+
+def test_training_completes_on_bad_data(bad_tree, tmp_path):
+    res = train_detector.main(["--data", "demo", *TINY, "--data-root", str(bad_tree), "--epochs", "1",
+                               "--batch-size", "4", "--out-dir", str(tmp_path / "run")])
+    assert res["final_map"] is not None
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["state"]["skipped_images"] >= 1         # the truncated / zero-byte / bomb images

@@ -1,0 +1,38 @@
+"""torchrun with 2 CPU processes (gloo): training runs, and evaluation over shards equals one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import evaluate
+from helpers import TINY, tiny_voc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    cmd = [exe, "--standalone", f"--nproc-per-node={nproc}", str(ROOT / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_train_detector_under_torchrun_matches_single_process_eval(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=16, n_test=7)    # 7 val images: shards of 4 and 3
+    out = tmp_path / "run"
+    torchrun("train_detector.py", ["--data", "demo", *TINY, "--data-root", str(root), "--epochs", "2",
+                                   "--batch-size", "8", "--out-dir", str(out), "--conf-threshold", "0.0"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]             # 16 images / global batch 8 = 2 steps per epoch
+    single = evaluate.main(["--checkpoint", str(out / "last.pt"), "--data", "demo", "--data-root", str(root),
+                            "--set", "2007-test", "--device", "cpu", "--workers", "0", "--conf-threshold", "0.0",
+                            "--no-progress"])
+    assert single["map"] == metrics["final_map"]
+    assert single["metric"] == metrics["metric"]
