@@ -201,19 +201,21 @@ def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: 
     S = (V - m) / V and k_c = (V - c) / (V - m), every channel is c = V (1 - S k_c); the new
     image is c' = V' (1 - S' k_c) with V' = min(V e, 1), S' = min(S s, 1). No hue is computed.
     """
-    x = images.float().div_(255)
+    x = images.float()                                   # (N, 3, H, W) in 0..255, the one full-size buffer
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     if exposure is not None and saturation is not None:
         N = x.shape[0]
         e, s = exposure.to(x).view(N, 1, 1, 1), saturation.to(x).view(N, 1, 1, 1)
-        V = x.amax(1, keepdim=True)
-        m = x.amin(1, keepdim=True)
-        chroma = V - m
-        S = torch.where(V > 0, chroma / V.clamp(min=1e-12), torch.zeros_like(V))
-        k = torch.where(chroma > 0, (V - x) / chroma.clamp(min=1e-12), torch.zeros_like(x))
-        x = (V * e).clamp(max=1) * (1 - (S * s).clamp(max=1) * k)
-    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
+        V = x.amax(1, keepdim=True)                      # (N, 1, H, W), whole numbers 0..255
+        chroma = V - x.amin(1, keepdim=True)
+        V_new = V.mul(e / 255).clamp_(max=1)             # V' in 0..1
+        # c' = V' - a (V - c) with one gain per pixel a = V' S' / (V - m) = V' min(s / V, 1 / (V - m));
+        # any finite a is right where V = m (grey pixels), hence the clamps.
+        a = torch.minimum(s / V.clamp(min=1), chroma.clamp_(min=1).reciprocal_()).mul_(V_new)
+        x.mul_(a).add_(V_new.sub_(a * V))                # c' = (V' - a V) + a c, in 0..1
+        return x.sub_(mean_t).div_(std_t)
+    return x.div_(255).sub_(mean_t).div_(std_t)
 
 
 # ----------------------------------------------------------------------------- grid targets

@@ -13,12 +13,12 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,9 +27,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize
+from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (AverageMeter, GracefulStop, all_ranks, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
+from utils import (AverageMeter, GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
                    cleanup_distributed, format_loss, load_checkpoint, predict, rng_state,
                    save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
@@ -94,6 +95,7 @@ class TrainConfig:
     save_every_steps: int = 0
     max_bad_steps: int = 5
     log_interval: int = 10
+    tb_images: int = 6
     check_data: bool = False
 
 
@@ -145,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite steps")
     p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard loss points")
+    p.add_argument("--tb-images", type=int, default=6, help="validation images drawn in TensorBoard each evaluation")
     p.add_argument("--check-data", action="store_true", help="decode every image, print every data problem, and exit")
     args = vars(p.parse_args(argv))
     for k, v in RECIPES[args["data"]].items():
@@ -165,6 +168,44 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     return cfg.lr_gamma ** sum(epoch >= s for s in steps)
 
 
+def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device, amp_dtype) -> tuple[bool, dict]:
+    """Forward, loss, backward and update on one ``(uint8 images, target, info)`` batch.
+
+    Returns ``(finite, loss terms as floats)``, read from the device once per step. A step whose
+    loss or gradient norm is not finite changes nothing: no optimizer step (so weights and
+    optimizer state stay as they were) and the BatchNorm statistics of its forward pass are
+    restored. Under DDP a NaN on one rank reaches every rank's gradient, so all skip together.
+    With fp16, the GradScaler skips inf/NaN gradient steps itself (and lowers its scale).
+    """
+    images, target, info = batch
+    images = images.to(device, non_blocking=True)
+    target = target.to(device, non_blocking=True)
+    x = color_normalize(images, info[:, 3].to(device), info[:, 4].to(device), MEAN, STD)  # colour aug on the device
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    buffers = [b.clone() for b in model.buffers()]
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+        out = model(x)
+    terms = criterion(out.float(), target)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["total"]).backward()
+    scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+    *values, gnorm = torch.stack([*(t.detach() for t in terms.values()), gnorm.float()]).tolist()
+    vals = dict(zip(terms, values))
+    finite = math.isfinite(vals["total"]) and (scaler.is_enabled() or math.isfinite(gnorm))
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif finite:
+        optimizer.step()
+    if not finite:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+    return finite, vals
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg: TrainConfig, state: dict, device,
                     writer, is_main: bool, checkpoint_fn, steps_per_epoch: int, stopper: GracefulStop,
                     log_file=None) -> dict:
@@ -183,37 +224,12 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
         state["skipped_images"] += per_proc - n          # unreadable images dropped by collate_skip_none
         if batch is None:
             continue
-        images, target, info = batch
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        x = color_normalize(images, info[:, 3], info[:, 4], MEAN, STD)   # colour augmentation, on the device
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        buffers = [b.clone() for b in model.buffers()]   # BatchNorm statistics, restored after a bad step
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-            out = model(x)
-        terms = criterion(out.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        finite = all_ranks(torch.isfinite(terms["total"]))
-        if finite:
-            scaler.scale(terms["total"]).backward()
-            scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
-            if scaler.is_enabled():
-                scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
-                scaler.update()
-            elif torch.isfinite(gnorm):
-                optimizer.step()
-            else:
-                finite = False
-        vals = {k: v.item() for k, v in terms.items()}
+        finite, vals = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
         if finite:
             state["bad_steps"] = 0
             for k, v in vals.items():
                 meters[k].update(v, n)
         else:
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
             state["bad_steps"] += 1
             state["skipped_steps"] += 1
             if is_main:
@@ -400,46 +416,63 @@ def main(argv: list[str] | None = None) -> dict:
     # Every step's loss terms, one JSON line each (after a crash, the steps redone after resuming
     # appear again: the last line for a step is the one that counts).
     log_file = open(out_dir / "train_log.jsonl", "a", buffering=1) if is_main else None
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        train_set.set_epoch(epoch)
-        train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
-        # The loader's own generator keeps worker seeding out of the global RNG (dropout), so a
-        # resumed run draws exactly the random numbers an uninterrupted one would.
-        train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
-                                  generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
-                                  **{**loader_kw, "persistent_workers": False})
-        losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
-                                 writer, is_main, checkpoint, steps_per_epoch, stopper, log_file)
-        if stopper.signum is not None:
-            checkpoint("last.pt")
-            if is_main:
-                print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
-                      f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto)")
+    try:
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            train_set.set_epoch(epoch)
+            train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
+            # The loader's own generator keeps worker seeding out of the global RNG (dropout), so a
+            # resumed run draws exactly the random numbers an uninterrupted one would.
+            train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
+                                      generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
+                                      **{**loader_kw, "persistent_workers": False})
+            losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
+                                     writer, is_main, checkpoint, steps_per_epoch, stopper, log_file)
+            if stopper.signum is not None:
+                checkpoint("last.pt")
+                if is_main:
+                    print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
+                          f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto)")
+                if writer:
+                    writer.close()
+                cleanup_distributed()
+                sys.exit(stopper.exit_code)
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             if writer:
-                writer.close()
-            cleanup_distributed()
-            sys.exit(stopper.exit_code)
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        if writer:
-            writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
-        if is_main:
-            print(f"epoch {epoch + 1}: train {format_loss(losses)}")
-        if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-            last_result = evaluate(model, val_loader, val_set, cfg, model_cfg, device)
-            history.append({"epoch": epoch + 1, "map": last_result["map"]})
+                writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
             if is_main:
-                print(format_table(last_result))
-                writer.add_scalar("val/mAP50", last_result["map"], state["step"])
-                for name, ap in last_result["ap"].items():
-                    if not math.isnan(ap):
-                        writer.add_scalar(f"val_AP50/{name}", ap, state["step"])
-            if last_result["map"] > state["best_map"]:
-                state["best_map"] = last_result["map"]
-                checkpoint("best.pt")
-        checkpoint("last.pt")
+                print(f"epoch {epoch + 1}: train {format_loss(losses)}")
+            if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
+                last_result = evaluate(model, val_loader, val_set, cfg, model_cfg, device)
+                history.append({"epoch": epoch + 1, "map": last_result["map"]})
+                if is_main:
+                    print(format_table(last_result))
+                    writer.add_scalar("val/mAP50", last_result["map"], state["step"])
+                    for name, ap in last_result["ap"].items():
+                        if not math.isnan(ap):
+                            writer.add_scalar(f"val_AP50/{name}", ap, state["step"])
+                    # the same few validation images every evaluation: ground truth | prediction
+                    images, gts, preds = detection_samples(raw_model, val_set, device, num_images=cfg.tb_images)
+                    log_detections(writer, "val/detections", images, gts, preds, class_names, state["step"])
+                if last_result["map"] > state["best_map"]:
+                    state["best_map"] = last_result["map"]
+                    checkpoint("best.pt")
+            checkpoint("last.pt")
+
+    finally:
+        stopper.restore()   # leave the process's signal handlers as they were
 
     if is_main and last_result is not None:
+        for name, pc in last_result["per_class"].items():   # precision-recall curve per class, at the end
+            if pc["npos"] and len(pc["recall"]):
+                keep = np.linspace(0, len(pc["recall"]) - 1, min(len(pc["recall"]), 200)).astype(int)[::-1]
+                r, p = np.asarray(pc["recall"])[keep], np.asarray(pc["precision"])[keep]   # by rising threshold
+                writer.add_pr_curve_raw(f"val_pr/{name}", true_positive_counts=np.round(r * pc["npos"]),
+                                        false_positive_counts=np.round(r * pc["npos"] / np.maximum(p, 1e-12)
+                                                                       - r * pc["npos"]),
+                                        true_negative_counts=np.zeros_like(r), false_negative_counts=pc["npos"]
+                                        - np.round(r * pc["npos"]), precision=p, recall=r,
+                                        global_step=state["step"], num_thresholds=len(r))
         metrics = {"metric": last_result["metric"], "final_map": last_result["map"], "best_map": state["best_map"],
                    "epochs": state["epoch"], "history": history,
                    "final_ap": {k: (None if math.isnan(v) else v) for k, v in last_result["ap"].items()}}

@@ -1,0 +1,1005 @@
+"""Measure YOLOv1's speed against the hardware limit and against a straightforward implementation.
+
+    python bench.py                                   # whatever device it finds; ~1 minute on a CPU
+    python bench.py --json runs/bench.json            # also write the table as JSON (incrementally)
+    python bench.py --compile                         # add torch.compile rows (1-3 minutes of compiling)
+    python bench.py --only pipeline,eval              # a subset of: pipeline, peak, train, infer, eval, compile
+    python bench.py --smoke                           # tiny sizes, ~30 s: what CI runs
+
+Sections, each printed as soon as it is measured (one row per number):
+
+* ``pipeline``: training-data images/s per CPU core (one process, one thread) for the detector
+  (decode, the paper's scale/translate/flip as one warp + resize, exposure/saturation, grid
+  targets) and the classifier (decode, random resized crop, flip), ours beside a straightforward
+  ``torchvision.transforms.v2`` pipeline, on photo-like JPEGs that this script writes to a temporary
+  folder at VOC (~500x375) and ImageNet (~500x400) sizes (~75 KB at quality 90). Ours is what a
+  loader worker does, ``VOCDetection.__getitem__`` / ``ImageNetClassification.__getitem__``, plus
+  the per-image share of the batched ``dataset.color_normalize`` timed where training runs it: on
+  the GPU, or on one CPU core on a machine without one. Both speedups are printed: with that
+  colour share (``pipeline_speedup``) and of the worker alone (``pipeline_speedup_worker``).
+* ``peak``: the matrix-product TFLOP/s of the device (bf16 8192^3 on a GPU, fp32 1024^3 on a CPU),
+  the denominator of every MFU here.
+* ``train``: images/s, TFLOP/s, MFU and peak memory of the detector (448 px, batch 64) and the
+  classifier (224 px, the pretraining recipe's batch), with the data already on the device and
+  end to end from a DataLoader; the step is train_detector.py's / pretrainer.py's (colour
+  augmentation on the device, bf16 autocast, channels_last, fused optimizer, the script's
+  per-step finite-loss check).
+* ``infer``: detector images/s at batch 1 (the paper's FPS) and batch 64, eager fp32, eager bf16,
+  bf16 weights, and replayed as a CUDA graph; decode + NMS milliseconds per image.
+* ``eval``: seconds to score a 5,000-image VOC split (voc_eval.bench) and to load its annotations
+  (evaluate.bench_annotation_loading).
+* ``compile`` (with ``--compile``): the same training step and inference under torch.compile.
+
+FLOPs count a multiply-add as 2 (model.count_params_flops); a trained image costs 3x its forward
+FLOPs (forward + backward). MFU = achieved FLOP/s / the matrix-product peak measured in this run.
+On a CPU the networks are narrowed (``--width``) so that the run takes about a minute; the table
+says which sizes were used. Every part runs under a time limit and a broad ``except`` that records
+its error as a row: on a short GPU lease one failing part must not cost the others' numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
+    read_image
+from model import Classifier, YoloConfig, YOLOv1, count_params_flops
+from utils import autocast_dtype
+
+SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "infer", "eval", "compile")
+VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
+IMAGENET_SIZES: tuple[tuple[int, int], ...] = ((500, 400), (500, 375), (400, 500), (500, 333))
+JPEG_QUALITY = 90
+DET_SIZE, CLS_SIZE = 448, 224   # the paper's input sizes; the pipeline section always uses these
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class BenchConfig:
+    """Every size the benchmark uses. :func:`bench_config` picks them for the device."""
+    device: str = "cpu"
+    det_width: float = 1.0        # YoloConfig.width of the detector (1.0 = the paper's)
+    det_size: int = DET_SIZE      # detector input in the train/infer sections
+    det_batch: int = 64
+    cls_width: float = 1.0
+    cls_size: int = CLS_SIZE
+    cls_batch: int = 64           # pretrainer.py's imagenet recipe
+    warmup_steps: int = 5
+    steps: int = 20               # timed training steps per row, data on the device
+    loader_steps: int = 40        # timed steps per end-to-end row (after the prefetched backlog is drained)
+    infer_batch: int = 64
+    infer_iters: int = 100        # timed batch-1 forward passes
+    pipeline_images: int = 96     # timed images per round of a pipeline measurement (the baseline: a third)
+    files: int = 128              # JPEGs written per dataset (cycled through: decode costs the same)
+    eval_images: int = 5000
+    peak_n: int = 8192            # matrix size of the peak measurement
+    workers: int = 8              # DataLoader processes in the end-to-end rows
+    amp: bool = True              # bf16 autocast (fp16 + GradScaler where no bf16)
+    channels_last: bool = True
+    time_budget_s: float = 420.0  # parts that would start after this are skipped
+
+
+def bench_config(device: torch.device, smoke: bool = False) -> BenchConfig:
+    """Paper sizes on a GPU (~2 minutes eager, ~5 with --compile); narrowed networks on a CPU
+    (~1 minute); tiny everything with ``smoke`` (~30 s, for CI)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        return BenchConfig(device=str(device), workers=max(1, min(cpus - 2, 16)))
+    cfg = BenchConfig(device=str(device), det_width=0.125, det_batch=4, cls_width=0.25, cls_batch=8, warmup_steps=1,
+                      steps=3, loader_steps=3, infer_batch=8, infer_iters=5, pipeline_images=48, files=32,
+                      peak_n=1024, workers=1, amp=False, channels_last=False, time_budget_s=1e9)
+    if smoke:
+        cfg = replace(cfg, det_width=0.0625, det_size=64, det_batch=2, cls_width=0.0625, cls_size=64, cls_batch=2,
+                      steps=2, loader_steps=2, infer_batch=2, infer_iters=3, pipeline_images=6, files=6,
+                      eval_images=200, peak_n=256)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the table
+
+@dataclass
+class Row:
+    section: str
+    variant: str
+    value: float | None
+    unit: str
+    note: str = ""
+    key: str = ""           # stable name in the JSON "results" dict
+
+
+class Report:
+    """The rows measured so far: each printed (and flushed) when added, and the whole report
+    rewritten atomically to ``json_path`` so that a run cut off by a timeout leaves its numbers."""
+
+    def __init__(self, json_path: str | None, meta: dict[str, Any]):
+        self.json_path = Path(json_path) if json_path else None
+        self.meta = meta
+        self.rows: list[Row] = []
+        self.results: dict[str, float | None] = {}
+        self.complete = False
+        print(f"{'section':<9} | {'variant':<50} | {'value':>10} | {'unit':<10} | note", flush=True)
+        self.write()
+
+    def add(self, section: str, variant: str, value: float | None, unit: str, note: str = "", key: str = "") -> None:
+        if value is not None and not math.isfinite(value):
+            value = None
+        row = Row(section, variant, value, unit, note, key)
+        self.rows.append(row)
+        if key:
+            self.results[key] = value
+        print(format_row(row), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        if self.json_path is None:
+            return
+        doc = {**self.meta, "complete": self.complete, "results": self.results,
+               "pipeline_speedup": self.results.get("pipeline_speedup"),
+               "voc_eval_seconds": self.results.get("voc_eval_seconds"),
+               "rows": [asdict(r) for r in self.rows]}
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.json_path.with_name(f".{self.json_path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.json_path)
+
+    def table(self) -> str:
+        head = f"{'section':<9} | {'variant':<50} | {'value':>10} | {'unit':<10} | note"
+        return "\n".join([head, "-" * len(head)] + [format_row(r) for r in self.rows])
+
+
+def format_row(r: Row) -> str:
+    if r.value is None:
+        v = "-"
+    elif abs(r.value) >= 1000 or r.value == int(r.value) and abs(r.value) >= 10:
+        v = f"{r.value:,.0f}"
+    else:
+        v = f"{r.value:.3g}"
+    return f"{r.section:<9} | {r.variant:<50} | {v:>10} | {r.unit:<10} | {r.note}"
+
+
+class PartTimeout(Exception):
+    """A benchmark part ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`PartTimeout` in the main thread after ``seconds`` (SIGALRM; no limit where
+    that is unavailable). The exception arrives between Python bytecodes, so a long C call (one
+    CUDA kernel, one compile step) finishes first."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not usable or seconds <= 0 or not math.isfinite(seconds):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise PartTimeout(f"ran past its {seconds:.0f} s limit")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_part(report: Report, section: str, part: str, fn: Callable[[], None], limit_s: float) -> bool:
+    """Run one part of a section under ``limit_s``; an error or timeout becomes an ``error`` row
+    (with the traceback on stderr) and the benchmark goes on. Returns True when it finished."""
+    t0 = time.perf_counter()
+    try:
+        with time_limit(limit_s):
+            fn()
+        ok = True
+    except Exception as e:  # noqa: BLE001 - the one place a broad catch is right: record the failure, keep measuring
+        traceback.print_exc()
+        sys.stderr.flush()
+        report.add(section, f"{part}: error", None, "", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        ok = False
+    report.add(section, f"{part}: time taken", time.perf_counter() - t0, "s")
+    return ok
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` averaged over ``iters`` back-to-back calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------- generated data
+
+def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A ``(H, W, 3)`` uint8 image with a photo's statistics as far as a JPEG codec cares: smooth
+    colour gradients (large-scale noise), texture at a few scales and a little sensor noise, so
+    that a 500x375 file is ~75 KB at quality 90, about what VOC's weigh, and decodes at a photo's cost."""
+    def layer(cells: int, amp: float) -> Tensor:
+        h, w = max(2, height // cells), max(2, width // cells)
+        low = torch.from_numpy(rng.standard_normal((1, 3, h, w), dtype=np.float32)).mul_(amp)
+        return F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)[0]
+    img = 120 + layer(64, 55) + layer(12, 24) + layer(2, 18)
+    img += torch.from_numpy(rng.standard_normal((3, height, width), dtype=np.float32)).mul_(7.0)
+    return img.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _save_jpeg(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+    Image.fromarray(array).save(path, quality=JPEG_QUALITY)
+
+
+def write_voc_tree(root: Path, n: int, seed: int = 0) -> Path:
+    """A VOC2007-layout folder of ``n`` photo-like JPEGs with 1-4 random objects each; returns root."""
+    rng = np.random.default_rng(seed)
+    voc = root / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"{i:06d}" for i in range(n)]
+    for i, image_id in enumerate(ids):
+        W, H = VOC_SIZES[i % len(VOC_SIZES)]
+        _save_jpeg(photo_like(rng, H, W), voc / "JPEGImages" / f"{image_id}.jpg")
+        objects = []
+        for _ in range(int(rng.integers(1, 5))):
+            w, h = int(rng.integers(30, W // 2)), int(rng.integers(30, H // 2))
+            x1, y1 = int(rng.integers(1, W - w)), int(rng.integers(1, H - h))
+            objects.append(f"<object><name>{VOC_CLASSES[int(rng.integers(20))]}</name><difficult>0</difficult>"
+                           f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x1 + w}</xmax><ymax>{y1 + h}</ymax>"
+                           f"</bndbox></object>")
+        (voc / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><filename>{image_id}.jpg</filename><size><width>{W}</width><height>{H}</height>"
+            f"<depth>3</depth></size>{''.join(objects)}</annotation>\n")
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{s}\n" for s in ids))
+    return root
+
+
+def write_imagenet_files(root: Path, n: int, classes: int = 4, seed: int = 1) -> list[tuple[Path, int]]:
+    """``n`` photo-like JPEGs in ``root/train/<wnid>/``; returns ``[(path, class index)]``."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        label = i % classes
+        folder = root / "train" / f"n{label:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        W, H = IMAGENET_SIZES[i % len(IMAGENET_SIZES)]
+        path = folder / f"n{label:08d}_{i}.JPEG"
+        _save_jpeg(photo_like(rng, H, W), path)
+        samples.append((path, label))
+    return samples
+
+
+class Workspace:
+    """The generated JPEGs, written on first use into a temporary folder removed at exit."""
+
+    def __init__(self, files: int):
+        self.files = files
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._voc: Path | None = None
+        self._imagenet: list[tuple[Path, int]] | None = None
+
+    @property
+    def root(self) -> Path:
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="yolo-bench-")
+        return Path(self._tmp.name)
+
+    def voc_root(self) -> Path:
+        if self._voc is None:
+            self._voc = write_voc_tree(self.root / "voc", self.files)
+        return self._voc
+
+    def imagenet_samples(self) -> list[tuple[Path, int]]:
+        if self._imagenet is None:
+            self._imagenet = write_imagenet_files(self.root / "imagenet", self.files)
+        return self._imagenet
+
+    def mean_file_kb(self, paths: Sequence[Path]) -> float:
+        return float(np.mean([p.stat().st_size for p in paths]) / 1024)
+
+    def cleanup(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def detector_dataset(ws: Workspace, image_size: int, seed: int = 0) -> VOCDetection:
+    return VOCDetection(ws.voc_root(), "2007-train", image_size=image_size, train=True, seed=seed)
+
+
+def classifier_dataset(ws: Workspace, image_size: int, seed: int = 0):
+    from imagenet import ImageNetClassification
+    samples = ws.imagenet_samples()
+    classes = sorted({label for _, label in samples})
+    return ImageNetClassification(samples, [f"n{c:08d}" for c in classes], image_size, train=True, seed=seed,
+                                  root=ws.root / "imagenet" / "train")
+
+
+# ----------------------------------------------------------------------------- the straightforward pipelines
+
+def straightforward_detector_transform(size: int = DET_SIZE):
+    """The baseline: what one writes first with torchvision.transforms.v2 for the paper's
+    augmentation, on the full-size uint8 image and its boxes (a dict with "image", "boxes",
+    "labels"): random affine (scale 0.8-1.2, translate 20%), exposure/saturation jitter of 1.5x
+    (ColorJitter brightness/saturation 0.5), flip, resize, drop boxes that left the image."""
+    from torchvision.transforms import v2
+    return v2.Compose([
+        v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(0.8, 1.2)),
+        v2.ColorJitter(brightness=0.5, saturation=0.5),
+        v2.RandomHorizontalFlip(),
+        v2.Resize((size, size), antialias=True),
+        v2.SanitizeBoundingBoxes(),
+    ])
+
+
+def straightforward_detector_sample(transform, image: Tensor, boxes: Tensor, labels: Tensor, S: int = 7,
+                                    C: int = 20) -> tuple[Tensor, Tensor]:
+    """Apply the baseline ``transform`` to a decoded uint8 image and its pixel ``xyxy`` boxes,
+    then encode the grid target with the same :func:`dataset.encode_target` as ours."""
+    from torchvision import tv_tensors
+    H, W = image.shape[-2:]
+    sample = {"image": tv_tensors.Image(image),
+              "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(H, W)), "labels": labels}
+    out = transform(sample)
+    size = out["image"].shape[-1]
+    return out["image"], encode_target(out["boxes"].as_subclass(Tensor), out["labels"], size, S, C)
+
+
+def straightforward_classifier_transform(size: int = CLS_SIZE):
+    """The baseline for pretraining: torchvision's ImageNet recipe on the decoded uint8 image."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+# ----------------------------------------------------------------------------- section: pipeline
+
+def interleaved_rates(fns: dict[str, tuple[Callable[[int], Any], int]], n: int, rounds: int = 3) -> dict[str, float]:
+    """Items per second of each ``fn(i)`` (``i`` cycling over ``n`` files), ``count`` items per
+    round. The variants take turns, round after round, and each keeps its fastest round: on a
+    shared machine, load that comes and goes then hits every variant alike, and the fastest round
+    is the closest to what the code itself costs."""
+    for fn, _ in fns.values():
+        for i in range(2):
+            fn(i % n)       # warm-up: lazy imports, allocator, page cache
+    best = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, (fn, count) in fns.items():
+            t0 = time.perf_counter()
+            for i in range(count):
+                fn(i % n)
+            best[name] = max(best[name], count / (time.perf_counter() - t0))
+    return best
+
+
+def color_share_ms(device: torch.device, size: int, jitter: bool, batch: int) -> float:
+    """Milliseconds per image of :func:`dataset.color_normalize` on a uint8 batch of ``batch``
+    images of ``size`` px already on ``device`` (with or without exposure/saturation jitter): the
+    per-image share of the colour step where training runs it, at the training batch size. Call
+    with one thread on a CPU."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
+    e = torch.rand(batch, generator=g).add_(0.67).to(device) if jitter else None
+    s = torch.rand(batch, generator=g).add_(0.67).to(device) if jitter else None
+    color_normalize(images, e, s)
+    best = math.inf
+    for _ in range(5):      # fastest of 5: the cost of the code, not of the neighbours' load
+        best = min(best, time_calls(lambda: color_normalize(images, e, s), iters=1, warmup=0, device=device))
+    return 1000 * best / batch
+
+
+def _color_note(device: torch.device, batch: int) -> str:
+    where = "the GPU" if device.type == "cuda" else "1 CPU core"
+    return f"dataset.color_normalize, batch {batch} on {where} (where training runs it)"
+
+
+def part_pipeline_detector(report: Report, cfg: BenchConfig, ws: Workspace) -> None:
+    device = torch.device(cfg.device)
+    ds = detector_dataset(ws, DET_SIZE)
+    n = len(ds)
+    paths = [p for p, _ in ds.items]
+    anns = [(VOCDetection.boxes_px(a), torch.from_numpy(a.labels)) for _, a in ds.items]
+    tf = straightforward_detector_transform(DET_SIZE)
+    count = cfg.pipeline_images
+    with torch_threads(1):
+        r = interleaved_rates({
+            "decode": (lambda i: read_image(paths[i]), count),
+            "ours": (lambda i: ds[i], count),
+            "base": (lambda i: straightforward_detector_sample(tf, read_image(paths[i]), *anns[i]), max(4, count // 3)),
+        }, n)
+        batch = cfg.det_batch
+        color_ms = color_share_ms(device, DET_SIZE, jitter=True, batch=batch)
+    ours = 1000 / (1000 / r["ours"] + color_ms)
+    kb = ws.mean_file_kb(paths)
+    report.add("pipeline", "JPEG decode (VOC-size)", 1000 / r["decode"], "ms/img",
+               f"dataset.read_image, 1 core, {kb:.0f} KB files", key="decode_ms_voc")
+    report.add("pipeline", "detector ours: decode+warp+targets", r["ours"], "img/s/core",
+               "VOCDetection.__getitem__ (448 px): what a loader worker does", key="pipeline_detector_worker_per_core")
+    report.add("pipeline", "detector ours: colour share", color_ms, "ms/img", _color_note(device, batch),
+               key="color_normalize_ms_detector")
+    report.add("pipeline", "detector ours (total)", ours, "img/s/core", "worker + colour share",
+               key="pipeline_detector_ours_per_core")
+    report.add("pipeline", "detector straightforward v2", r["base"], "img/s/core",
+               "RandomAffine+ColorJitter+flip+Resize+Sanitize on uint8; same decode, same encode_target",
+               key="pipeline_detector_baseline_per_core")
+    report.add("pipeline", "detector speedup (ours total / straightforward)", ours / r["base"], "x", "goal >= 4x",
+               key="pipeline_speedup")
+    report.add("pipeline", "detector speedup (worker / straightforward)", r["ours"] / r["base"], "x",
+               "the loader workers' share alone (colour on the GPU)", key="pipeline_speedup_worker")
+
+
+def part_pipeline_classifier(report: Report, cfg: BenchConfig, ws: Workspace) -> None:
+    from torchvision import tv_tensors
+    device = torch.device(cfg.device)
+    ds = classifier_dataset(ws, CLS_SIZE)
+    paths = [p for p, _ in ws.imagenet_samples()]
+    tf = straightforward_classifier_transform(CLS_SIZE)
+    count = cfg.pipeline_images
+    with torch_threads(1):
+        r = interleaved_rates({
+            "decode": (lambda i: read_image(paths[i]), count),
+            "ours": (lambda i: ds[i], count),
+            "base": (lambda i: tf(tv_tensors.Image(read_image(paths[i]))), max(4, count // 2)),
+        }, len(paths))
+        batch = cfg.cls_batch
+        color_ms = color_share_ms(device, CLS_SIZE, jitter=False, batch=batch)
+    ours = 1000 / (1000 / r["ours"] + color_ms)
+    kb = ws.mean_file_kb(paths)
+    report.add("pipeline", "JPEG decode (ImageNet-size)", 1000 / r["decode"], "ms/img",
+               f"dataset.read_image, 1 core, {kb:.0f} KB files", key="decode_ms_imagenet")
+    report.add("pipeline", "classifier ours: decode+crop+flip", r["ours"], "img/s/core",
+               "ImageNetClassification.__getitem__ (224 px)", key="pipeline_classifier_worker_per_core")
+    report.add("pipeline", "classifier ours: normalise share", color_ms, "ms/img", _color_note(device, batch),
+               key="color_normalize_ms_classifier")
+    report.add("pipeline", "classifier ours (total)", ours, "img/s/core", "worker + normalise share",
+               key="pipeline_classifier_ours_per_core")
+    report.add("pipeline", "classifier straightforward v2", r["base"], "img/s/core",
+               "RandomResizedCrop+flip+ToDtype+Normalize on uint8; same decode",
+               key="pipeline_classifier_baseline_per_core")
+    report.add("pipeline", "classifier speedup (ours total / straightforward)", ours / r["base"], "x", "",
+               key="classifier_pipeline_speedup")
+
+
+# ----------------------------------------------------------------------------- section: peak
+
+class Peak:
+    """The device's matrix-product TFLOP/s, measured once (on demand if the peak part was skipped)."""
+
+    def __init__(self, cfg: BenchConfig):
+        self.cfg, self.tflops, self.dtype = cfg, None, None
+
+    def get(self) -> float:
+        if self.tflops is None:
+            self.measure()
+        return self.tflops
+
+    def measure(self) -> float:
+        device = torch.device(self.cfg.device)
+        n = self.cfg.peak_n
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, dtype=self.dtype, generator=g)
+        b = torch.randn(n, n, device=device, dtype=self.dtype, generator=g)
+        iters = 30 if device.type == "cuda" else 5
+        sec = time_calls(lambda: torch.mm(a, b), iters, warmup=3, device=device)
+        self.tflops = 2 * n ** 3 / sec / 1e12
+        return self.tflops
+
+
+def part_peak(report: Report, cfg: BenchConfig, peak: Peak) -> None:
+    t = peak.measure()
+    dtype = str(peak.dtype).replace("torch.", "")
+    report.add("peak", f"matmul {cfg.peak_n}^3 {dtype}", t, "TFLOP/s",
+               f"{torch.get_num_threads()} threads" if cfg.device == "cpu" else torch.cuda.get_device_name(),
+               key="peak_tflops")
+
+
+# ----------------------------------------------------------------------------- section: train
+
+PREFETCH = 2   # batches each loader worker keeps ready
+
+
+def _loader(dataset, batch: int, n_batches: int, workers: int, device: torch.device, seed: int = 0):
+    """Random batches with replacement (the generated set is small; decode cost per image is what
+    counts), loaded the way the training scripts should: pinned memory (for non_blocking copies),
+    persistent workers."""
+    from torch.utils.data import DataLoader, RandomSampler
+    sampler = RandomSampler(dataset, replacement=True, num_samples=batch * n_batches,
+                            generator=torch.Generator().manual_seed(seed))
+    kw = dict(persistent_workers=True, prefetch_factor=PREFETCH) if workers > 0 else {}
+    return DataLoader(dataset, batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                      collate_fn=collate_skip_none, drop_last=True, **kw)
+
+
+def _loader_rate(step: Callable, dataset, batch: int, cfg: BenchConfig, device: torch.device, seed: int) -> float:
+    """Images/s of ``step`` fed by a fresh loader, timed once the batches the workers prefetched
+    while starting are used up (else the number would be the step's rate, not the pipeline's)."""
+    warmup = cfg.warmup_steps + (cfg.workers * PREFETCH if device.type == "cuda" else 0)
+    loader = _loader(dataset, batch, warmup + cfg.loader_steps, cfg.workers, device, seed)
+    return _time_steps(step, iter(loader), warmup, cfg.loader_steps, batch, device)
+
+
+def _optimizer(model: torch.nn.Module, recipe: dict, device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer with the scripts' parameter groups (no decay on biases / norms), fused on CUDA."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" or None
+    lr = recipe["lr"]
+    if recipe["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=recipe["momentum"], fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(recipe["momentum"], 0.999), fused=fused)
+
+
+def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device: torch.device,
+                  host_reads: bool = True) -> Callable:
+    """One training step: ``train_detector.train_step`` itself (one host read per step, for the
+    finite check and the loss meters). ``host_reads=False`` is the same arithmetic without that
+    read and without the BatchNorm snapshot; the difference between the two rates is what they cost."""
+    from types import SimpleNamespace
+    from train_detector import train_step
+    amp_dtype = autocast_dtype(device)
+    step_cfg = SimpleNamespace(channels_last=cfg.channels_last, amp=cfg.amp, clip_grad=0.0)
+
+    def step(images: Tensor, target: Tensor, info: Tensor) -> None:
+        if host_reads:
+            train_step(model, criterion, optimizer, scaler, (images, target, info), step_cfg, device, amp_dtype)
+            return
+        x = color_normalize(images.to(device, non_blocking=True), info[:, 3].to(device), info[:, 4].to(device), MEAN, STD)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            out = model(x)
+        terms = criterion(out.float(), target.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.device) -> Callable:
+    """One training step as pretrainer.train_one_epoch does it (no colour jitter: the recipe's default)."""
+    amp_dtype = autocast_dtype(device)
+    params = [p for p in model.parameters()]
+
+    def step(images: Tensor, labels: Tensor, info: Tensor) -> None:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = color_normalize(images, mean=MEAN, std=STD)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        correct = (logits.detach().argmax(1) == labels).sum()
+        loss_v, gnorm_v, _ = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        elif math.isfinite(loss_v) and math.isfinite(gnorm_v):
+            optimizer.step()
+    return step
+
+
+def _time_steps(step: Callable, batches: Iterator, warmup: int, steps: int, batch: int, device: torch.device) -> float:
+    """Images/s of ``step`` over ``steps`` batches drawn from ``batches`` after ``warmup`` steps."""
+    for _ in range(warmup):
+        step(*next(batches))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(batches))
+    sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _report_training(report: Report, section: str, name: str, how: str, rate: float, flops: int, peak: Peak,
+                     note: str, key: str) -> None:
+    achieved = rate * 3 * flops / 1e12
+    report.add(section, f"{name} train {how}", rate, "img/s", note, key=f"{key}_images_per_s")
+    report.add(section, f"{name} train {how}: achieved", achieved, "TFLOP/s", "3 x forward FLOPs per image",
+               key=f"{key}_tflops")
+    report.add(section, f"{name} train {how}: MFU", 100 * achieved / peak.get(), "%",
+               f"of the {peak.get():.3g} TFLOP/s matmul peak", key=f"{key}_mfu_percent")
+
+
+def _memory_rows(report: Report, section: str, name: str, device: torch.device, key: str) -> None:
+    if device.type == "cuda":
+        report.add(section, f"{name} train: peak memory", torch.cuda.max_memory_allocated(device) / 2**30, "GiB",
+                   f"allocated; {torch.cuda.max_memory_reserved(device) / 2**30:.1f} GiB reserved", key=key)
+    else:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+        report.add(section, f"{name} train: peak memory", rss, "GiB", "process peak RSS so far (CPU)", key=key)
+
+
+def _cycle_device_batch(batch: tuple, device: torch.device) -> Iterator:
+    on_device = tuple(t.to(device) for t in batch)
+    while True:
+        yield on_device
+
+
+def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak, compiled: bool = False) -> None:
+    from loss import YoloLoss
+    from train_detector import RECIPES
+    device = torch.device(cfg.device)
+    section = "compile" if compiled else "train"
+    mcfg = YoloConfig(image_size=cfg.det_size, width=cfg.det_width)
+    model = YOLOv1(mcfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _, flops = count_params_flops(model, cfg.det_size)
+    optimizer = _optimizer(model, RECIPES["voc"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
+    if compiled:
+        torch._dynamo.reset()   # a fresh cache: earlier compiles of YOLOv1.forward must not make shapes dynamic
+    net = torch.compile(model) if compiled else model
+    step = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device)
+    ds = detector_dataset(ws, cfg.det_size)
+    first = next(iter(_loader(ds, cfg.det_batch, 1, 0, device)))
+    note = (f"{cfg.det_size} px, width {cfg.det_width}, batch {cfg.det_batch}, {RECIPES['voc']['optimizer']}"
+            f"{' fused' if device.type == 'cuda' else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
+            f"{', channels_last' if cfg.channels_last else ''}")
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if compiled:
+        t0 = time.perf_counter()
+        step(*first)
+        sync(device)
+        report.add(section, "detector train: first step (compiling)", time.perf_counter() - t0, "s", "torch.compile default mode")
+    rate = _time_steps(step, _cycle_device_batch(first, device), cfg.warmup_steps, cfg.steps, cfg.det_batch, device)
+    tag = "compiled " if compiled else ""
+    _report_training(report, section, "detector", f"{tag}on device", rate, flops, peak, note,
+                     f"train_detector_{tag.strip() + '_' if compiled else ''}device")
+    if not compiled:
+        _memory_rows(report, section, "detector", device, "train_detector_peak_memory_gib")
+    if device.type == "cuda":
+        lean = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device, host_reads=False)
+        rate = _time_steps(lean, _cycle_device_batch(first, device), 2, cfg.steps, cfg.det_batch, device)
+        report.add(section, f"detector train {tag}on device, no per-step host reads", rate, "img/s",
+                   "the step without its finite check and loss meters: what those syncs cost",
+                   key=f"train_detector_{tag.strip() + '_' if compiled else ''}device_nosync_images_per_s")
+    if not compiled:
+        rate = _loader_rate(step, ds, cfg.det_batch, cfg, device, seed=1)
+        _report_training(report, section, "detector", f"end to end ({cfg.workers} workers)", rate, flops, peak, note,
+                         "train_detector_e2e")
+        rate = _loader_rate(lambda *batch: None, ds, cfg.det_batch, cfg, device, seed=2)
+        report.add(section, f"detector data loader alone ({cfg.workers} workers)", rate, "img/s",
+                   f"pinned memory, persistent workers, prefetch {PREFETCH}", key="loader_detector_images_per_s")
+    del model, optimizer, net, step, first
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak) -> None:
+    from pretrainer import RECIPES
+    device = torch.device(cfg.device)
+    recipe = RECIPES["imagenet"]
+    model = Classifier(YoloConfig(width=cfg.cls_width), num_classes=1000).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _, flops = count_params_flops(model, cfg.cls_size)
+    optimizer = _optimizer(model, recipe, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
+    step = classifier_step(model, optimizer, scaler, cfg, device)
+    ds = classifier_dataset(ws, cfg.cls_size)
+    first = next(iter(_loader(ds, cfg.cls_batch, 1, 0, device)))
+    note = (f"{cfg.cls_size} px, width {cfg.cls_width}, batch {cfg.cls_batch}, {recipe['optimizer']}"
+            f"{' fused' if device.type == 'cuda' else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
+            f"{', channels_last' if cfg.channels_last else ''}")
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate = _time_steps(step, _cycle_device_batch(first, device), cfg.warmup_steps, cfg.steps, cfg.cls_batch, device)
+    _report_training(report, "train", "classifier", "on device", rate, flops, peak, note, "train_classifier_device")
+    _memory_rows(report, "train", "classifier", device, "train_classifier_peak_memory_gib")
+    rate = _loader_rate(step, ds, cfg.cls_batch, cfg, device, seed=1)
+    _report_training(report, "train", "classifier", f"end to end ({cfg.workers} workers)", rate, flops, peak, note,
+                     "train_classifier_e2e")
+    rate = _loader_rate(lambda *batch: None, ds, cfg.cls_batch, cfg, device, seed=2)
+    report.add("train", f"classifier data loader alone ({cfg.workers} workers)", rate, "img/s",
+               f"pinned memory, persistent workers, prefetch {PREFETCH}", key="loader_classifier_images_per_s")
+    del model, optimizer, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- section: infer
+
+def cuda_graph_forward(model: torch.nn.Module, example: Tensor) -> Callable[[Tensor], Tensor]:
+    """Capture ``model(example)`` (eval, no grad) as a CUDA graph; returns ``run(x)`` that copies
+    ``x`` into the captured input and replays the graph: one launch for the whole network. The
+    returned tensor is the graph's output buffer, overwritten by the next call."""
+    static_in = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):          # cuDNN autotuning and lazy allocations happen outside the capture
+            model(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(static_in)
+
+    def run(x: Tensor) -> Tensor:
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+    return run
+
+
+def _inference_inputs(cfg: BenchConfig, batch: int, device: torch.device) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, cfg.det_size, cfg.det_size), dtype=torch.uint8, generator=g)
+    return color_normalize(images.to(device), mean=MEAN, std=STD)
+
+
+def trained_like_outputs(N: int, S: int, B: int, C: int, device: torch.device, seed: int = 0) -> Tensor:
+    """Raw detector outputs ``(N, S, S, 5B+C)`` shaped like a trained network's (boxes inside their
+    cells, confidences spread over 0..1, peaked class probabilities), so that decoding and NMS get
+    a realistic number of candidates; an untrained network's near-zero outputs give almost none."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.rand(N, S, S, B, 4, generator=g) * torch.tensor([1.0, 1.0, 0.7, 0.7]) + torch.tensor([0, 0, 0.1, 0.1])
+    conf = torch.rand(N, S, S, B, generator=g).pow(3)
+    cls = torch.softmax(3 * torch.randn(N, S, S, C, generator=g), -1)
+    return torch.cat([boxes.flatten(-2), conf, cls], -1).to(device)
+
+
+def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None:
+    """Detector forward passes on normalised inputs already on the device (no decode): fp32,
+    bf16 autocast as utils.predict runs it, bf16 weights, a CUDA graph, or torch.compile."""
+    from utils import decode_predictions
+    device = torch.device(cfg.device)
+    section = "compile" if compiled else "infer"
+    mcfg = YoloConfig(image_size=cfg.det_size, width=cfg.det_width)
+    model = YOLOv1(mcfg).to(device).eval()
+    x1, xb = _inference_inputs(cfg, 1, device), _inference_inputs(cfg, cfg.infer_batch, device)
+    size = f"{cfg.det_size} px, width {cfg.det_width}"
+    nb = cfg.infer_batch
+    iters_b = max(3, cfg.infer_iters // 10)
+    amp_dtype = autocast_dtype(device)
+    cl = torch.channels_last
+    half = YOLOv1(mcfg).to(device).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(dtype=amp_dtype, memory_format=cl)     # bf16 weights: no per-call weight casts at batch 1
+    x1h, xbh = x1.to(amp_dtype).contiguous(memory_format=cl), xb.to(amp_dtype).contiguous(memory_format=cl)
+
+    def rate(fn: Callable[[], Any], batch: int, iters: int) -> float:
+        with torch.no_grad():
+            return batch / time_calls(fn, iters, warmup=3, device=device)
+
+    def add(variant: str, r: float, note: str, key: str) -> None:
+        if "batch 1," in variant:
+            note = f"{1000 / r:.2f} ms/img; {note}"
+        report.add(section, variant, r, "img/s", note, key=key)
+
+    if compiled:
+        for batch, x, mode, key in ((nb, xbh, "default", "infer_compiled_batch_images_per_s"),
+                                    (1, x1h, "reduce-overhead" if device.type == "cuda" else "default",
+                                     "infer_compiled_batch1_images_per_s")):
+            torch._dynamo.reset()   # each batch size its own static-shape compile
+            net = torch.compile(half, mode=mode)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(3):      # reduce-overhead records its CUDA graph on a later call
+                    net(x)
+            sync(device)
+            report.add(section, f"detector infer batch {batch}: compiling", time.perf_counter() - t0, "s", f"mode {mode}")
+            add(f"detector infer batch {batch}, compiled bf16", rate(lambda: net(x), batch,
+                cfg.infer_iters if batch == 1 else iters_b), f"{size}, torch.compile mode {mode}", key)
+        return
+
+    def autocast_fwd(net: torch.nn.Module, x: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype):
+            return net(x)
+
+    add("detector infer batch 1, fp32 eager", rate(lambda: model(x1), 1, cfg.infer_iters),
+        f"{size}; forward only{' (tf32 on)' if device.type == 'cuda' else ''}", "infer_fp32_batch1_images_per_s")
+    model = model.to(memory_format=cl)
+    x1c, xbc = x1.contiguous(memory_format=cl), xb.contiguous(memory_format=cl)
+    add("detector infer batch 1, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, x1c), 1,
+        cfg.infer_iters), "as utils.predict with --amp --channels-last", "infer_autocast_batch1_images_per_s")
+    add("detector infer batch 1, bf16 weights channels_last", rate(lambda: half(x1h), 1, cfg.infer_iters),
+        "model.to(bfloat16)", "infer_bf16_batch1_images_per_s")
+    if device.type == "cuda":
+        run = cuda_graph_forward(half, x1h)
+        add("detector infer batch 1, bf16 CUDA graph", rate(lambda: run(x1h), 1, cfg.infer_iters),
+            "bf16 weights, one torch.cuda.CUDAGraph replay per image", "infer_cudagraph_batch1_images_per_s")
+    add(f"detector infer batch {nb}, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, xbc), nb, iters_b),
+        size, "infer_autocast_batch_images_per_s")
+    add(f"detector infer batch {nb}, bf16 weights channels_last", rate(lambda: half(xbh), nb, iters_b), size,
+        "infer_bf16_batch_images_per_s")
+    out = trained_like_outputs(nb, mcfg.S, mcfg.B, mcfg.C, device)
+    sizes = torch.tensor([[375.0, 500.0]], device=device).expand(nb, 2)
+    sec = time_calls(lambda: decode_predictions(out, mcfg.B, mcfg.C, sizes), max(2, iters_b // 2), 1, device)
+    kept = sum(len(r["scores"]) for r in decode_predictions(out, mcfg.B, mcfg.C, sizes)) / nb
+    scores = out[..., 4 * mcfg.B:5 * mcfg.B].unsqueeze(-1) * out[..., 5 * mcfg.B:].unsqueeze(-2)
+    cand = float((scores > 0.001).sum()) / nb
+    report.add(section, "decode + NMS", 1000 * sec / nb, "ms/img",
+               f"utils.decode_predictions, batch {nb}, trained-like outputs: {cand:.0f} candidates, {kept:.0f} kept "
+               "per image", key="decode_nms_ms_per_image")
+
+
+# ----------------------------------------------------------------------------- section: eval
+
+def part_voc_eval(report: Report, cfg: BenchConfig) -> None:
+    from voc_eval import bench
+    r = bench(num_images=cfg.eval_images)
+    report.add("eval", f"VOC07 scoring, {r['num_images']} images", r["voc_eval_seconds"], "s",
+               f"{r['num_detections']} detections, 20 classes, best of 3", key="voc_eval_seconds")
+
+
+def part_annotations(report: Report, cfg: BenchConfig, ws: Workspace) -> None:
+    from evaluate import bench_annotation_loading
+    r = bench_annotation_loading(ws.root / "annotations", cfg.eval_images)
+    note = f"{r['num_images']} files, {r['num_objects']} objects"
+    report.add("eval", "annotation loading, parse every file", r["no_cache_seconds"], "s", note,
+               key="annotation_loading_no_cache_seconds")
+    report.add("eval", "annotation loading, filling the cache", r["cold_seconds"], "s", note,
+               key="annotation_loading_cold_seconds")
+    report.add("eval", "annotation loading, from the cache", r["warm_seconds"], "s", note + ", best of 3",
+               key="annotation_loading_warm_seconds")
+
+
+# ----------------------------------------------------------------------------- main
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    try:
+        import torchvision
+        info["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: auto = CUDA when present)")
+    p.add_argument("--only", default="", help=f"comma-separated sections to run, of {', '.join(SECTIONS)} "
+                   "(default: all but compile; compile also needs --compile or --only compile)")
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile'd training and inference "
+                   "(after every eager row; default: off)")
+    p.add_argument("--json", default="", help="write the results here as JSON, rewritten after every row (default: none)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, ~30 s (CI; default: off)")
+    p.add_argument("--workers", type=int, default=-1, help="DataLoader processes in the end-to-end rows "
+                   "(default: CPUs - 2 up to 16 on a GPU, 1 on a CPU)")
+    p.add_argument("--det-batch", type=int, default=0, help="detector training batch (default: 64 on a GPU, 4 on a CPU)")
+    p.add_argument("--cls-batch", type=int, default=0, help="classifier training batch (default: 64 on a GPU, the "
+                   "pretraining recipe's; 8 on a CPU)")
+    p.add_argument("--width", type=float, default=0.0, help="channel width of both networks (default: 1.0 on a GPU, "
+                   "the paper's; on a CPU 0.125 for the detector, 0.25 for the classifier)")
+    p.add_argument("--steps", type=int, default=0, help="timed training steps per on-device row (default: 20 on a GPU, 3 on a CPU)")
+    p.add_argument("--no-amp", action="store_true", help="fp32 training on CUDA (default: bf16 autocast on CUDA, fp32 on a CPU)")
+    p.add_argument("--no-channels-last", action="store_true", help="NCHW memory format on CUDA (default: channels_last on CUDA)")
+    p.add_argument("--time-budget", type=float, default=0.0, help="seconds after which remaining parts are skipped "
+                   "(default: 420 on a GPU, none on a CPU)")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    args.sections = only or [s for s in SECTIONS if s != "compile" or args.compile]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.smoke:
+        args.device = "cpu"
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py: --device cuda was asked for but CUDA is not available")
+        torch.cuda.set_device(device.index or 0)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = bench_config(device, args.smoke)
+    overrides = {"workers": args.workers if args.workers >= 0 else None, "det_batch": args.det_batch or None,
+                 "cls_batch": args.cls_batch or None, "det_width": args.width or None, "cls_width": args.width or None,
+                 "steps": args.steps or None, "time_budget_s": args.time_budget or None}
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.no_amp:
+        cfg.amp = False
+    if args.no_channels_last:
+        cfg.channels_last = False
+    warnings.filterwarnings("ignore", category=DeprecationWarning)   # torchvision 0.29's io deprecation notes
+
+    report = Report(args.json, {"machine": machine_info(device), "config": asdict(cfg), "sections": args.sections})
+    ws, peak = Workspace(cfg.files), Peak(cfg)
+    parts: list[tuple[str, str, Callable[[], None], float]] = [
+        ("pipeline", "detector", lambda: part_pipeline_detector(report, cfg, ws), 120),
+        ("pipeline", "classifier", lambda: part_pipeline_classifier(report, cfg, ws), 90),
+        ("peak", "matmul", lambda: part_peak(report, cfg, peak), 60),
+        ("train", "detector", lambda: part_train_detector(report, cfg, ws, peak), 180),
+        ("train", "classifier", lambda: part_train_classifier(report, cfg, ws, peak), 120),
+        ("infer", "detector", lambda: part_infer(report, cfg), 120),
+        ("eval", "voc_eval", lambda: part_voc_eval(report, cfg), 90),
+        ("eval", "annotations", lambda: part_annotations(report, cfg, ws), 120),
+        ("compile", "train detector", lambda: part_train_detector(report, cfg, ws, peak, compiled=True), 240),
+        ("compile", "infer detector", lambda: part_infer(report, cfg, compiled=True), 240),
+    ]
+    start = time.perf_counter()
+    try:
+        for section, part, fn, limit in parts:
+            if section not in args.sections:
+                continue
+            left = cfg.time_budget_s - (time.perf_counter() - start)
+            if left < 5:
+                report.add(section, f"{part}: skipped", None, "", f"time budget of {cfg.time_budget_s:.0f} s spent")
+                continue
+            run_part(report, section, part, fn, min(limit * (1 if device.type == "cuda" else 3), left))
+    finally:
+        ws.cleanup()
+    report.complete = True
+    report.add("total", "bench.py wall time", time.perf_counter() - start, "s", f"sections: {','.join(args.sections)}")
+    print("\n" + report.table(), flush=True)
+    if args.json:
+        print(f"wrote {args.json}", flush=True)
+    return {"rows": [asdict(r) for r in report.rows], "results": report.results}
+
+
+if __name__ == "__main__":
+    main()

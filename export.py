@@ -1,0 +1,154 @@
+"""Export a trained detector's network to ONNX, and check the export against PyTorch.
+
+    python export.py --checkpoint runs/detector/demo/best.pt                  # -> runs/detector/demo/best.onnx
+    python export.py --checkpoint best.pt --format onnx --output yolov1.onnx --opset 17
+
+The raw network is exported, nothing around it: input ``images`` float32 ``(N, 3, H, W)`` with
+H = W = the model's image_size, RGB already resized (whole image, aspect not kept) and
+normalised as dataset.color_normalize does, ``(pixel / 255 - MEAN) / STD``; output
+``predictions`` float32 ``(N, S, S, 5B + C)``, the layout of model.py's docstring. The batch
+size N is dynamic. Decoding and NMS (utils.decode_predictions) are left to the user; the
+README's export section spells them out. The class names, S, B, C, image size, MEAN and STD are
+stored in the ONNX file's metadata_props.
+
+The exporter is torch.onnx's TorchScript-based one (``dynamo=False``): the torch.export-based
+default of PyTorch >= 2.9 needs the onnxscript package, which this project does not install.
+After writing the file, the export is checked with onnxruntime (when installed) on random
+inputs of batch size 1 and 3: every output must match PyTorch's within ``--atol`` + ``--rtol``
+x |PyTorch's|. onnx and onnxruntime come from requirements-dev.txt and are imported only here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dataset import MEAN, STD
+from model import YoloConfig, YOLOv1
+from utils import load_checkpoint
+
+DEFAULT_OPSET = 17
+ATOL, RTOL = 1e-4, 1e-3   # float32 kernels of two runtimes differ in summation order, not more
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="train_detector.py checkpoint (best.pt / last.pt)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("--output", default="", help="output file (default: the checkpoint's path with .onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the onnxruntime comparison with PyTorch")
+    p.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance of the check (default: {ATOL})")
+    p.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance of the check (default: {RTOL})")
+    return p.parse_args(argv)
+
+
+def load_detector(path: str | Path) -> tuple[YOLOv1, YoloConfig, list[str]]:
+    """The detector of a train_detector.py checkpoint (via evaluate.load_model), in eval mode."""
+    from evaluate import load_model
+    ckpt = load_checkpoint(path)
+    if "class_names" not in ckpt:
+        raise ValueError(f"checkpoint {path} has no 'class_names'; is it a train_detector.py checkpoint? "
+                         "(pretrainer.py checkpoints hold a classifier, not a detector)")
+    class_names = [str(c) for c in ckpt["class_names"]]
+    data = (ckpt.get("config") or {}).get("data", "")
+    del ckpt
+    model, cfg, _ = load_model(path, class_names, data)
+    return model.eval(), cfg, class_names
+
+
+def export_onnx(model: YOLOv1, path: str | Path, class_names: Sequence[str], opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``model`` (eval mode, on the CPU) to ``path`` as ONNX with a dynamic batch size,
+    add the metadata of the module docstring, and validate the file with onnx.checker."""
+    import onnx
+    cfg: YoloConfig = model.cfg
+    if len(class_names) != cfg.C:
+        raise ValueError(f"{len(class_names)} class names for a model with C={cfg.C}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    dummy = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter announces its own deprecation (twice); it is our choice, see above.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["predictions"], do_constant_folding=True,
+                          dynamic_axes={"images": {0: "batch"}, "predictions": {0: "batch"}})
+    proto = onnx.load(str(path))
+    meta = {"class_names": json.dumps(list(class_names)), "S": str(cfg.S), "B": str(cfg.B), "C": str(cfg.C),
+            "image_size": str(cfg.image_size), "mean": json.dumps(list(MEAN)), "std": json.dumps(list(STD)),
+            "input": "images: float32 (N, 3, image_size, image_size), RGB, (pixel / 255 - mean) / std",
+            "output": "predictions: float32 (N, S, S, 5B+C) per cell [B x (x, y, sqrt_w, sqrt_h), B x confidence, "
+                      "C x class probability]; see yolov1-torch model.py"}
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+@torch.no_grad()
+def compare_onnx(path: str | Path, model: torch.nn.Module, inputs: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Run float32 ``inputs (N, 3, H, W)`` through the ONNX file (onnxruntime, CPU) and through
+    ``model`` (eval mode, CPU); returns both outputs as numpy arrays."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = session.run(["predictions"], {"images": inputs.float().cpu().numpy()})[0]
+    ref = model.cpu().eval()(inputs.float().cpu()).numpy()
+    return ours, ref
+
+
+def check_export(path: str | Path, model: torch.nn.Module, inputs: Tensor, atol: float = ATOL,
+                 rtol: float = RTOL) -> float:
+    """:func:`compare_onnx`, then ``AssertionError`` with the worst element unless every output is
+    within ``atol + rtol * |torch|``; returns the largest absolute difference."""
+    ours, ref = compare_onnx(path, model, inputs)
+    if ours.shape != ref.shape:
+        raise AssertionError(f"{path}: ONNX output shape {ours.shape} != PyTorch's {ref.shape}")
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    excess = diff - (atol + rtol * np.abs(ref))
+    if (excess > 0).any() or not np.isfinite(ours).all():
+        worst = np.unravel_index(np.nanargmax(excess), excess.shape)
+        raise AssertionError(f"{path}: ONNX output differs from PyTorch's at {tuple(int(i) for i in worst)}: "
+                             f"{ours[worst]} vs {ref[worst]} (atol {atol}, rtol {rtol})")
+    return float(diff.max())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the command line; returns ``{"output", "opset", "max_abs_diff" (None when not checked)}``."""
+    args = parse_args(argv)
+    model, cfg, class_names = load_detector(args.checkpoint)
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    export_onnx(model, output, class_names, args.opset)
+    print(f"{args.checkpoint} -> {output} ({output.stat().st_size / 1e6:.1f} MB, ONNX opset {args.opset}): "
+          f"input images (N, 3, {cfg.image_size}, {cfg.image_size}) float32 normalised, "
+          f"output predictions (N, {cfg.S}, {cfg.S}, {cfg.cell_dim}); N dynamic")
+    result = {"output": str(output), "opset": args.opset, "max_abs_diff": None}
+    if args.check:
+        try:
+            import onnxruntime  # noqa: F401 - only to know whether the check can run
+        except ImportError:
+            print("onnxruntime is not installed (pip install -r requirements-dev.txt): export not checked")
+            return result
+        gen = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for n in (1, 3):
+            x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
+            worst = max(worst, check_export(output, model, x, args.atol, args.rtol))
+        result["max_abs_diff"] = worst
+        print(f"checked with onnxruntime on random batches of 1 and 3: max |onnx - torch| = {worst:.2e} "
+              f"(tolerance {args.atol} + {args.rtol} x |torch|)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
