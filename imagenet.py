@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
-from dataset import DataError, read_image
+from dataset import MAX_IMAGE_PIXELS, DataError, image_header_size, read_image, torchvision_read
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
 KAGGLE_SUBDIR = Path("ILSVRC") / "Data" / "CLS-LOC"
@@ -334,6 +335,30 @@ def eval_transform(image: Tensor, size: int) -> Tensor:
     return TF.center_crop(image, [size, size])
 
 
+# ----------------------------------------------------------------------------- image checks
+
+def check_image_header(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` from the header alone (no decode): :class:`DataError` naming the file
+    for what :func:`dataset.read_image` refuses before decoding (a zero-byte file, a file that is
+    no image, a header over ``MAX_IMAGE_PIXELS``). A truncated file passes; only a decode finds it."""
+    data = torchvision_read(Path(path))
+    if data.numel() == 0:
+        raise DataError(f"{path}: empty file")
+    w, h = image_header_size(data, Path(path))
+    if w * h > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit "
+                        "(decompression bomb?)")
+    return w, h
+
+
+def _reason(error: Exception, path: str) -> str:
+    """The message of a :class:`DataError` / OSError without the ``"<path>: "`` it starts with."""
+    if isinstance(error, OSError):
+        return f"cannot read ({error.strerror or error})"
+    text = str(error)
+    return text[len(path) + 2:] if text.startswith(f"{path}: ") else text
+
+
 # ----------------------------------------------------------------------------- dataset
 
 class ImageNetClassification(Dataset):
@@ -367,6 +392,27 @@ class ImageNetClassification(Dataset):
     def samples(self) -> list[tuple[Path, int]]:
         """``[(image path, class index)]``, built on demand (for inspection, not for loading)."""
         return [(Path(os.fsdecode(p)), int(label)) for p, label in zip(self.paths, self.labels)]
+
+    def check_images(self, decode: bool = True, progress: bool = False,
+                     shard: tuple[int, int] = (0, 1)) -> list[tuple[str, str]]:
+        """Open every image and return ``(file, reason)`` for each one that :meth:`__getitem__`
+        would skip, in dataset order. ``decode=True`` decodes it fully (:func:`dataset.read_image`,
+        what training does); ``decode=False`` reads only the header (:func:`check_image_header`:
+        much faster, but a truncated file passes). ``shard=(rank, world)`` checks indices
+        ``rank, rank + world, ...`` only, so that processes can split the work."""
+        rank, world = shard
+        problems = []
+        for raw in tqdm(self.paths[rank::world], desc=f"{'decoding' if decode else 'checking'} {self.root.name}",
+                        disable=not progress, leave=False, dynamic_ncols=True):
+            path = os.fsdecode(raw)
+            try:
+                if decode:
+                    read_image(Path(path))
+                else:
+                    check_image_header(path)
+            except (DataError, OSError) as e:
+                problems.append((path, f"{_reason(e, path)}; image skipped"))
+        return problems
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentation draws depend on (seed, epoch, index) only: reproducible across workers and resumes."""

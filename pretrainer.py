@@ -4,6 +4,8 @@
     python pretrainer.py --data imagenet --data-root ~/data/imagenet       # train/ and val/ inside
     torchrun --nproc-per-node=8 pretrainer.py --data imagenet --data-root ~/data/imagenet
     python pretrainer.py --prepare-val --data-root ~/data/imagenet         # flat val/ -> val/<wnid>/
+    python pretrainer.py --data imagenet --data-root ~/data/imagenet --check-data   # list unreadable images
+    python pretrainer.py --data imagenet --data-root ~/data/imagenet --evaluate runs/pretrainer/imagenet/best.pt
     python train_detector.py --data voc --data-root ~/data --backbone runs/pretrainer/imagenet/best.pt
 
 The network is the paper's first 20 conv layers + average pool + FC (model.Classifier); its
@@ -11,7 +13,9 @@ The network is the paper's first 20 conv layers + average pool + FC (model.Class
 distributed setup and seed, data, model, optimizer, LR schedule, resume, then the loop of
 train_one_epoch / validate / checkpoint. TensorBoard logs, config.json, last.pt and best.pt go to
 the run folder. SIGTERM / SIGINT save last.pt at the next step boundary and exit (0 / 130);
-``--resume auto`` continues exactly there.
+``--resume auto`` continues exactly there. Unreadable images are never fatal and never silent:
+val/'s headers are checked at start, --check-data decodes every image of both splits, and training
+skips and counts the ones it cannot decode (``data/*`` in TensorBoard).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +104,8 @@ class PretrainConfig:
     max_bad_steps: int = 5
     log_interval: int = 10
     preview_images: int = 8
+    check_data: bool = False
+    evaluate: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
@@ -171,6 +177,14 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard points (default: 10)")
     p.add_argument("--preview-images", type=int, default=8, help="val images shown with their predicted class in "
                    "TensorBoard each epoch (default: 8)")
+    p.add_argument("--check-data", action="store_true", help="decode every image of train/ and val/, print each "
+                   "unreadable one with its file and reason, and exit without training (slow on ImageNet: all 1.33M "
+                   "images are decoded; under torchrun the processes split them). Without it, only val/'s image "
+                   "headers are checked at start (train/'s 1.28M files would slow every start down); unreadable "
+                   "training images are then skipped, counted and logged as data/skipped_images")
+    p.add_argument("--evaluate", default="", metavar="CHECKPOINT", help="validation only: load this pretrainer "
+                   "checkpoint and print top-1 / top-5 on val/ with the checkpoint's image size and normalisation "
+                   "and this command's --data, --data-root, --batch-size, --amp, --device, --workers; then exit")
     args = vars(p.parse_args(argv))
     recipe = RECIPES[args["data"]]
     if args["lr"] is None and (args["optimizer"] or recipe["optimizer"]) == "sgd":
@@ -179,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         if k in args and args[k] is None:
             args[k] = v
     cfg = PretrainConfig(**args)
+    if sum(map(bool, (cfg.prepare_val, cfg.check_data, cfg.evaluate))) > 1:
+        p.error("--prepare-val, --check-data and --evaluate are separate tasks: give one of them")
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0 or cfg.lr_step_epochs < 1:
         p.error("--batch-size, --epochs, --lr and --lr-step-epochs must be positive")
     if cfg.image_size < 32 or cfg.image_size % 32:
@@ -202,6 +218,15 @@ def accuracy(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5)) -> 
     return torch.stack([hit[:, :min(k, k_max)].any(1).sum() for k in topk])
 
 
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed element-wise over all processes (one all-reduce; themselves without torchrun)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
     """LR / cfg.lr after ``step`` optimizer steps: x lr_gamma every lr_step_epochs whole epochs
     (StepLR over epochs, applied per step so that a mid-epoch resume lands on the same value)."""
@@ -214,10 +239,12 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     """One pass over the training loader (from ``state['step_in_epoch']``); returns mean loss and
     top-1 (%) of the epoch's finite steps (summed in ``state``, so a mid-epoch resume keeps them).
     Non-finite steps never change the weights (nor the BatchNorm statistics): they are counted,
-    logged and, after cfg.max_bad_steps in a row, stop training."""
+    logged and, after cfg.max_bad_steps in a row, stop training. Unreadable images (dropped from
+    their batch by collate_skip_none) are counted over all processes in ``state['skipped_images']``."""
     model.train()
     amp_dtype = autocast_dtype(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    per_proc = cfg.batch_size // world
     meter = state["epoch_meter"]    # {"loss_sum", "correct", "images"} over the epoch's finite steps
     params = [p for p in model.parameters() if p.requires_grad]
     backup = [b.clone() for b in bn_buffers]
@@ -225,72 +252,85 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
     for batch in bar:
-        if batch is None:   # every image of the batch unreadable: skipping it would desynchronise DDP and resume
-            raise RuntimeError(f"every image of training batch {state['step_in_epoch']} failed to decode (see the "
-                               "warnings above); the training set is damaged")
-        images, labels, info = batch
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if cfg.color_jitter > 0:
-            x = color_normalize(images, info[:, 1], info[:, 2], cfg.mean, cfg.std)
-        else:
-            x = color_normalize(images, mean=cfg.mean, std=cfg.std)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        for saved, b in zip(backup, bn_buffers):
-            saved.copy_(b)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        correct = (logits.detach().argmax(1) == labels).sum()
-        loss_v, gnorm_v, correct_v = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
-        # One decision for all processes: gradients are all-reduced, losses are not.
-        loss_bad = not all_ranks(math.isfinite(loss_v))
-        if scaler.is_enabled():
-            scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
-            scaler.update()
-            bad = loss_bad           # an fp16 overflow with a finite loss is the scaler's routine, not a bad step
-        else:
-            bad = loss_bad or not math.isfinite(gnorm_v)
-            if not bad:
-                optimizer.step()
-        with warnings.catch_warnings():
-            if bad:   # a skipped first step makes torch warn about the call order; the schedule follows steps taken
+        n = 0 if batch is None else batch[0].shape[0]
+        # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
+        # all-reduce). A process left with no image makes every process skip the step (DDP needs all of
+        # them in each backward); the step still counts, so that the LR schedule and a resume stay aligned.
+        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)], device)
+        state["skipped_images"] += int(dropped)
+        if empty:
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            scheduler.step()
-        state["step"] += 1
-        state["step_in_epoch"] += 1
-        n = images.shape[0]
-        seen += n
-        if bad:
-            for saved, b in zip(backup, bn_buffers):
-                b.copy_(saved)
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
+                scheduler.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
             if is_main:
-                tqdm.write(f"non-finite loss or gradient at step {state['step']}: loss={loss_v} grad_norm={gnorm_v}; "
-                           f"step skipped ({state['skipped_steps']} so far)")
-                if writer:
-                    writer.add_scalar("train/skipped_steps", state["skipped_steps"], state["step"])
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); last "
-                                         f"loss={loss_v}, grad_norm={gnorm_v}. The last good checkpoint is intact.")
+                tqdm.write(f"step {state['step']}: no readable image left in a process's batch (see the warnings "
+                           f"above); step skipped by every process ({state['skipped_images']} images skipped so far)")
         else:
-            state["bad_steps"] = 0
-            meter["loss_sum"] += loss_v * n
-            meter["correct"] += correct_v
-            meter["images"] += n
+            images, labels, info = batch
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if cfg.color_jitter > 0:
+                x = color_normalize(images, info[:, 1], info[:, 2], cfg.mean, cfg.std)
+            else:
+                x = color_normalize(images, mean=cfg.mean, std=cfg.std)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for saved, b in zip(backup, bn_buffers):
+                saved.copy_(b)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+            correct = (logits.detach().argmax(1) == labels).sum()
+            loss_v, gnorm_v, correct_v = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
+            # One decision for all processes: gradients are all-reduced, losses are not.
+            loss_bad = not all_ranks(math.isfinite(loss_v))
+            if scaler.is_enabled():
+                scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
+                scaler.update()
+                bad = loss_bad           # an fp16 overflow with a finite loss is the scaler's routine, not a bad step
+            else:
+                bad = loss_bad or not math.isfinite(gnorm_v)
+                if not bad:
+                    optimizer.step()
+            with warnings.catch_warnings():
+                if bad:   # a skipped first step makes torch warn about the call order; the schedule follows steps taken
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                scheduler.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            seen += n
+            if bad:
+                for saved, b in zip(backup, bn_buffers):
+                    b.copy_(saved)
+                state["bad_steps"] += 1
+                state["skipped_steps"] += 1
+                if is_main:
+                    tqdm.write(f"non-finite loss or gradient at step {state['step']}: loss={loss_v} "
+                               f"grad_norm={gnorm_v}; step skipped ({state['skipped_steps']} so far)")
+                    if writer:
+                        writer.add_scalar("train/skipped_steps", state["skipped_steps"], state["step"])
+                if state["bad_steps"] >= cfg.max_bad_steps:
+                    raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
+                                             f"last loss={loss_v}, grad_norm={gnorm_v}. The last good checkpoint is "
+                                             "intact.")
+            else:
+                state["bad_steps"] = 0
+                meter["loss_sum"] += loss_v * n
+                meter["correct"] += correct_v
+                meter["images"] += n
         if is_main:
             rate = seen * world / (time.perf_counter() - t0)
             lr = scheduler.get_last_lr()[0]
             m = max(meter["images"], 1)
             bar.set_postfix(loss=f"{meter['loss_sum'] / m:.3f}", top1=f"{100 * meter['correct'] / m:.1f}",
                             lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            if writer and state["step"] % cfg.log_interval == 0:
+            if writer and not empty and state["step"] % cfg.log_interval == 0:
                 writer.add_scalar("train/loss", loss_v, state["step"])
                 writer.add_scalar("train/top1", 100.0 * correct_v / n, state["step"])
                 writer.add_scalar("train/lr", lr, state["step"])
@@ -381,6 +421,54 @@ def run_prepare_val(cfg: PretrainConfig) -> dict:
             "unlabelled": len(report.unlabelled)}
 
 
+def resolve_data_root(cfg: PretrainConfig, is_main: bool) -> str:
+    """The ImageNet tree to read: --data-root, or for the demo data/demo_imagenet, generated by rank 0
+    (cached) while the other processes wait."""
+    if cfg.data == "demo":
+        from demo_data import make_demo_imagenet
+        data_root = cfg.data_root or "data/demo_imagenet"
+        if is_main:
+            make_demo_imagenet(data_root)
+        if dist.is_initialized():
+            dist.barrier()
+        return data_root
+    if not cfg.data_root:
+        raise ValueError("--data imagenet needs --data-root (the folder holding train/ and val/)")
+    return cfg.data_root
+
+
+def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    """--evaluate CHECKPOINT: the training run's validate() on a saved checkpoint, on one process or
+    under torchrun, so that a checkpoint's top-1 / top-5 can be reproduced without training."""
+    is_main = rank == 0
+    ckpt = load_checkpoint(cfg.evaluate)
+    trained = ckpt["config"]
+    # The view the network was trained for comes from the checkpoint; this command sets the rest.
+    cfg = replace(cfg, image_size=trained["image_size"], mean=list(trained["mean"]), std=list(trained["std"]))
+    data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, val_solution=cfg.val_solution,
+                         devkit_gt=cfg.devkit_gt, devkit_synsets=cfg.devkit_synsets,
+                         synset_mapping=cfg.synset_mapping)
+    if list(ckpt["class_names"]) != data.class_names:
+        raise ValueError(f"{cfg.evaluate} was trained on {len(ckpt['class_names'])} other classes "
+                         f"(first {ckpt['class_names'][:3]}), not the {len(data.class_names)} of {data.root}")
+    model = Classifier(YoloConfig(**ckpt["model_config"]), len(data.class_names)).to(device)
+    model.load_state_dict(ckpt["model"])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    per_proc = cfg.batch_size // world
+    loader = DataLoader(data.val, per_proc, sampler=ShardSampler(len(data.val), rank, world),
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none)
+    val = validate(model, loader, cfg, device, len(data.class_names))
+    if is_main:
+        unread = len(data.val) - val["images"]
+        print(f"--evaluate {cfg.evaluate} (epoch {ckpt['state']['epoch']}, step {ckpt['state']['step']}) on "
+              f"{data.root / 'val'} at {cfg.image_size} px: loss {val['loss']:.4f} top-1 {val['top1']:.2f}% "
+              f"top-5 {val['top5']:.2f}% ({val['images']} images"
+              + (f"; {unread} unreadable, skipped)" if unread else ")"))
+    cleanup_distributed()
+    return {**val, "checkpoint": cfg.evaluate, "exit_code": 0}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     if cfg.prepare_val:
@@ -398,6 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.evaluate:
+        return run_evaluate(cfg, rank, world, device)
 
     # ---- run folder
     base = Path(cfg.out_dir or f"runs/pretrainer/{cfg.data}")
@@ -411,25 +501,35 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(all_gather_objects(str(out_dir))[0])
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
-    data_root = cfg.data_root
-    if cfg.data == "demo":
-        from demo_data import make_demo_imagenet
-        data_root = data_root or "data/demo_imagenet"
-        if is_main:
-            make_demo_imagenet(data_root)
-        if dist.is_initialized():
-            dist.barrier()
-    elif not data_root:
-        raise ValueError("--data imagenet needs --data-root (the folder holding train/ and val/)")
-    data = load_imagenet(data_root, cfg.image_size, cfg.seed, (cfg.min_scale, 1.0), cfg.color_jitter,
-                         cfg.val_solution, cfg.devkit_gt, cfg.devkit_synsets, cfg.synset_mapping)
+    data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),
+                         cfg.color_jitter, cfg.val_solution, cfg.devkit_gt, cfg.devkit_synsets, cfg.synset_mapping)
     train_set, val_set, class_names = data.train, data.val, data.class_names
+    # Data problems (images that would be skipped), reported, never fatal: val/'s headers are read at
+    # every start; train/'s 1.28M files only with --check-data (its unreadable images are counted as
+    # training skips them). --check-data decodes every image of both. The processes split the work.
+    data_report: dict[str, list[tuple[str, str]]] = {}
+    for name, ds in (("train", train_set), ("val", val_set)) if cfg.check_data else (("val", val_set),):
+        shards = all_gather_objects(ds.check_images(decode=cfg.check_data, progress=is_main, shard=(rank, world)))
+        data_report[name] = sorted(problem for shard in shards for problem in shard)
     if is_main:
         print(f"config: {json.dumps(asdict(cfg))}")
         print(f"train: {len(train_set)} images in {len(class_names)} classes from {data.root / 'train'}")
         print(f"val: {len(val_set)} images from {data.root / 'val'} ({data.val_layout})")
         for note in data.notes:
             print(f"  note: {note}")
+        for name, problems in data_report.items():
+            print(f"{name}: {len(problems)} unreadable images found ({'decoded' if cfg.check_data else 'headers read'}"
+                  f"), each skipped")
+            for where, why in problems[: None if cfg.check_data else 20]:
+                print(f"  {where}: {why}")
+            if len(problems) > 20 and not cfg.check_data:
+                print(f"  ... and {len(problems) - 20} more (--check-data lists them all)")
+        if "train" not in data_report:
+            print("train: images not checked at start (--check-data decodes them all); unreadable ones are skipped, "
+                  "counted and logged as data/skipped_images")
+    if cfg.check_data:
+        cleanup_distributed()
+        return {"data_report": data_report, "exit_code": 0}
     per_proc = cfg.batch_size // world
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none)
@@ -463,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- resume
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_top1": -1.0, "best_top5": -1.0, "top1": None,
-             "top5": None, "bad_steps": 0, "skipped_steps": 0, "history": [],
+             "top5": None, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0, "history": [],
              "epoch_meter": {"loss_sum": 0.0, "correct": 0.0, "images": 0}}
     resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
     if resume_path is not None and (resume_path.exists() or cfg.resume != "auto"):
@@ -497,6 +597,11 @@ def main(argv: list[str] | None = None) -> dict:
             "train": asdict(cfg), "model": model_cfg.to_dict(), "class_names": class_names,
             "class_labels": data.class_labels}, indent=2))
         print(f"run folder: {out_dir}  (tensorboard --logdir {out_dir.parent})")
+        for name, problems in data_report.items():
+            writer.add_scalar(f"data/{name}_problems", len(problems), state["step"])
+            if problems:
+                writer.add_text(f"data/{name}_report", "\n\n".join(f"`{w}`: {y}" for w, y in problems[:1000]),
+                                state["step"])
     preview_idx = [round(i * (len(val_set) - 1) / max(cfg.preview_images - 1, 1))
                    for i in range(min(cfg.preview_images, len(val_set)))]
 
@@ -535,7 +640,10 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 print(f"epoch {epoch + 1}: train loss {train['loss']:.4f} top-1 {train['top1']:.2f}% | val loss "
                       f"{val['loss']:.4f} top-1 {val['top1']:.2f}% top-5 {val['top5']:.2f}% ({val['images']} images) "
-                      f"| {time.perf_counter() - t_start:.0f}s")
+                      f"| {time.perf_counter() - t_start:.0f}s"
+                      + (f" | {state['skipped_images']} unreadable training images skipped so far"
+                         if state["skipped_images"] else ""))
+                writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
                 writer.add_scalar("val/loss", val["loss"], state["step"])
                 writer.add_scalar("val/top1", val["top1"], state["step"])
                 writer.add_scalar("val/top5", val["top5"], state["step"])
@@ -557,8 +665,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{out_dir / 'last.pt'} written; continue with --resume auto --out-dir {out_dir}")
         metrics = {"best_top1": state["best_top1"], "best_top5": state["best_top5"], "final_top1": state["top1"],
                    "final_top5": state["top5"], "epochs": state["epoch"], "steps": state["step"],
-                   "skipped_steps": state["skipped_steps"], "seconds": time.perf_counter() - t_start,
-                   "history": state["history"]}
+                   "skipped_steps": state["skipped_steps"], "skipped_images": state["skipped_images"],
+                   "seconds": time.perf_counter() - t_start, "history": state["history"]}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if stopper.signum is None:
             print(f"best top-1 {state['best_top1']:.2f}% (top-5 {state['best_top5']:.2f}%) | {out_dir / 'best.pt'}")
@@ -567,7 +675,8 @@ def main(argv: list[str] | None = None) -> dict:
     cleanup_distributed()
     return {"out_dir": str(out_dir), "best_top1": state["best_top1"], "best_top5": state["best_top5"],
             "final_top1": state["top1"], "final_top5": state["top5"], "epochs": state["epoch"],
-            "step": state["step"], "skipped_steps": state["skipped_steps"], "history": state["history"],
+            "step": state["step"], "skipped_steps": state["skipped_steps"], "skipped_images": state["skipped_images"],
+            "history": state["history"],
             "exit_code": stopper.exit_code if stopper.signum is not None else 0}
 
 

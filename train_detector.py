@@ -40,11 +40,11 @@ RECIPES = {
     "voc": dict(epochs=135, batch_size=64, lr=1e-2, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                 warmup_epochs=5, warmup_lr=1e-3, lr_steps="75,105", lr_gamma=0.1, image_size=448,
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
-                val_set="2007-test", eval_interval=5, workers=8),
-    "demo": dict(epochs=30, batch_size=32, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
-                 warmup_epochs=1, warmup_lr=1e-4, lr_steps="22,27", lr_gamma=0.1, image_size=192,
+                val_set="2007-test", eval_interval=5, workers=8, dropout=0.5),
+    "demo": dict(epochs=90, batch_size=32, lr=3e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+                 warmup_epochs=2, warmup_lr=3e-4, lr_steps="70,82", lr_gamma=0.1, image_size=128, dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
-                 val_set="2007-test", eval_interval=5, workers=2),
+                 val_set="2007-test", eval_interval=10, workers=1),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
 
@@ -77,7 +77,7 @@ class TrainConfig:
     width: float = 0.0
     batch_norm: bool | None = None
     variant: str = ""
-    dropout: float = 0.5
+    dropout: float = -1.0
     backbone: str = ""
     resume: str = ""
     out_dir: str = ""
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--width", type=float, default=0.0, help=f"channel width multiplier {r}")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"BatchNorm after each conv {r}")
     p.add_argument("--variant", choices=["yolo", "fast"], default="", help=f"YOLO (24 conv) or Fast YOLO (9 conv) {r}")
-    p.add_argument("--dropout", type=float, default=0.5, help="dropout after the first FC layer")
+    p.add_argument("--dropout", type=float, default=-1.0, help=f"dropout after the first FC layer {r}")
     p.add_argument("--backbone", default="", help="pretrainer.py checkpoint whose backbone initialises the detector")
     p.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' for the run folder's last.pt if any")
     p.add_argument("--out-dir", default="", help="run folder (default: runs/detector/<data>, numbered if taken)")
@@ -149,9 +149,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard loss points")
     p.add_argument("--tb-images", type=int, default=6, help="validation images drawn in TensorBoard each evaluation")
     p.add_argument("--check-data", action="store_true", help="decode every image, print every data problem, and exit")
+    p.set_defaults(**{k: None for k in RECIPES["voc"]})   # unset recipe flags are filled in below
     args = vars(p.parse_args(argv))
     for k, v in RECIPES[args["data"]].items():
-        if args[k] in (0, 0.0, "", None, -1):
+        if args[k] is None:
             args[k] = v
     cfg = TrainConfig(**args)
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
@@ -300,8 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.data == "demo":
         from demo_data import DEMO_CLASSES, make_demo_voc
         demo_root = Path(cfg.data_root or "data/demo")
-        if is_main and not (demo_root / "VOCdevkit").is_dir():
-            make_demo_voc(demo_root)
+        if is_main and (not cfg.data_root or not (demo_root / "VOCdevkit").is_dir()):
+            make_demo_voc(demo_root)   # cached; rebuilt when the generator's version changes
         if dist.is_initialized():
             dist.barrier()
         data_root, class_names = cfg.data_root or "data/demo", DEMO_CLASSES

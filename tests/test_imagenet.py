@@ -1,23 +1,27 @@
 """Tests of imagenet.py: the ImageNet layouts (class folders, flat val + LOC_val_solution.csv, flat
-val + devkit ground truth), the --prepare-val helper, the crops and the dataset items. CPU only,
-tiny generated trees (demo_data.make_demo_imagenet / make_flat_val)."""
+val + devkit ground truth), the --prepare-val helper, the crops, the dataset items and the image
+checks. CPU only, tiny generated trees (demo_data.make_demo_imagenet / make_flat_val)."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DataError, collate_skip_none  # noqa: E402
 from demo_data import DEMO_WNID_NAMES, DEMO_WNIDS, make_demo_imagenet, make_flat_val  # noqa: E402
-from imagenet import (ImageNetClassification, eval_transform, load_imagenet, prepare_val,  # noqa: E402
-                      random_resized_crop_box, read_devkit_ground_truth, read_val_solution, val_labels)
+from imagenet import (ImageNetClassification, check_image_header, eval_transform, load_imagenet,  # noqa: E402
+                      prepare_val, random_resized_crop_box, read_devkit_ground_truth, read_val_solution, val_labels)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,39 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 def _labels_by_id(ds: ImageNetClassification) -> dict[str, str]:
     return {p.stem: ds.class_names[label] for p, label in ds.samples}
+
+
+def png_bomb(w: int, h: int) -> bytes:
+    """A real 8x8 PNG whose header (with a correct CRC) claims w x h pixels."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+def add_bad_images(folder: Path) -> dict[str, str]:
+    """Write broken images into ``folder`` (a truncated JPEG, a zero-byte file, a non-image and a
+    decompression bomb, all named .JPEG) plus a grayscale and a CMYK JPEG that must load. Returns
+    ``{bad file name: words its reason holds}`` (also used by test_pretrainer.py)."""
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+
+    def jpeg(img: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG")
+        return buf.getvalue()
+
+    full = jpeg(Image.fromarray(rgb))
+    (folder / "truncated.JPEG").write_bytes(full[: len(full) // 2])    # header intact, scan data cut
+    (folder / "zerobyte.JPEG").write_bytes(b"")
+    (folder / "notimage.JPEG").write_bytes(b"<html>this is not a picture</html>")
+    (folder / "bomb.JPEG").write_bytes(png_bomb(100_000, 100_000))
+    (folder / "gray.JPEG").write_bytes(jpeg(Image.fromarray(rgb[..., 0], "L")))
+    (folder / "cmyk.JPEG").write_bytes(jpeg(Image.fromarray(rgb).convert("CMYK")))
+    return {"truncated.JPEG": "cannot decode", "zerobyte.JPEG": "empty file", "notimage.JPEG": "not a readable image",
+            "bomb.JPEG": "decompression bomb"}
 
 
 # --- layouts --------------------------------------------------------------------------------------
@@ -284,3 +321,27 @@ def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_pa
     with pytest.warns(UserWarning, match=str(bad.name)):
         batch = collate_skip_none([data.train[i] for i in range(4)])
     assert batch[0].shape == (3, 3, 64, 64) and batch[1].tolist() == [data.train.samples[i][1] for i in (0, 1, 3)]
+
+
+def test_check_images_by_header_and_by_decode(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    shutil.copytree(tree, root)
+    folder = root / "train" / sorted(DEMO_WNIDS)[0]
+    bad = add_bad_images(folder)
+    data = load_imagenet(root, 64)
+    decoded = data.train.check_images(decode=True)
+    assert [f for f, _ in decoded] == sorted(str(folder / name) for name in bad)     # full paths, dataset order
+    for f, why in decoded:
+        assert bad[Path(f).name] in why and why.endswith("; image skipped") and str(folder) not in why, (f, why)
+    # Headers only: everything but the truncated file, which only a decode finds.
+    header = data.train.check_images(decode=False)
+    assert sorted(Path(f).name for f, _ in header) == sorted(set(bad) - {"truncated.JPEG"})
+    assert data.val.check_images(decode=True) == []
+    # Processes split the work: the shards together find each problem once.
+    parts = [data.train.check_images(decode=False, shard=(r, 3)) for r in range(3)]
+    assert sorted(p for part in parts for p in part) == sorted(header)
+    # Grayscale and CMYK load as RGB.
+    index = {p.name: i for i, (p, _) in enumerate(data.train.samples)}
+    for name in ("gray.JPEG", "cmyk.JPEG"):
+        assert data.train[index[name]][0].shape == (3, 64, 64)
+        assert check_image_header(folder / name) == (160, 120)

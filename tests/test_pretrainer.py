@@ -1,6 +1,7 @@
 """Tests of pretrainer.py: recipes and flags, top-k accuracy, the LR schedule, validation counted
 once over shards, a tiny end-to-end run (checkpoint contents, TensorBoard, the backbone hand-over
-to the detector), exact resume after SIGTERM, SIGINT, non-finite steps and --prepare-val.
+to the detector), exact resume after SIGTERM, SIGINT, non-finite steps, --prepare-val, unreadable
+images (--check-data, skipped and counted in training), torchrun and --evaluate.
 CPU only, a generated 8-class tree with a few images per class."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataset import MEAN, STD, collate_skip_none, color_normalize  # noqa: E402
 from demo_data import DEMO_WNID_NAMES, DEMO_WNIDS, make_demo_imagenet, make_flat_val  # noqa: E402
 from imagenet import ImageNetClassification, load_imagenet  # noqa: E402
 from model import DEMO_MODEL, Classifier, YoloConfig, YOLOv1, load_backbone  # noqa: E402
+from test_imagenet import add_bad_images  # noqa: E402
 from utils import ShardSampler, load_checkpoint  # noqa: E402
 
 WNIDS = sorted(DEMO_WNIDS)
@@ -62,6 +64,8 @@ def test_recipes_and_flags() -> None:
     assert (off.batch_norm, off.amp, off.weight_decay) == (False, False, 0.0)
     with pytest.raises(SystemExit):
         pretrainer.parse_args(["--image-size", "100"])
+    with pytest.raises(SystemExit):
+        pretrainer.parse_args(["--check-data", "--evaluate", "best.pt"])
 
 
 def test_accuracy_hand_computed() -> None:
@@ -281,16 +285,106 @@ def test_prepare_val_command_then_training_reads_class_folders(tree: Path, tmp_p
     assert load_imagenet(root, 64).val_layout == "class folders"
 
 
-def test_two_processes_with_torchrun_count_an_odd_val_set_once(tree: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ddp_run(tree: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """One epoch under torchrun, 2 CPU processes (gloo), on the tree less one val image; (data root, run folder)."""
     import subprocess
-    root = tmp_path / "odd"
+    tmp = tmp_path_factory.mktemp("ddp")
+    root = tmp / "odd"
     shutil.copytree(tree, root)
     next((root / "val").glob("*/*.JPEG")).unlink()            # 15 val images: shards of 8 and 7
-    out = tmp_path / "ddp"
+    out = tmp / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(Path(pretrainer.__file__)), *_args(root, out, "--epochs", "1")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out
+
+
+def test_two_processes_with_torchrun_count_an_odd_val_set_once(ddp_run: tuple[Path, Path]) -> None:
+    _, out = ddp_run
     metrics = json.loads((out / "metrics.json").read_text())
     # 32 train images, global batch 8 = 4 per process: 4 steps; the 15 val images each counted once.
     assert metrics["history"][0]["images"] == 15 and metrics["steps"] == 4
+
+
+def test_evaluate_on_one_process_reproduces_the_torchrun_validation(ddp_run: tuple[Path, Path], tmp_path: Path,
+                                                                    capsys) -> None:
+    root, out = ddp_run
+    final = json.loads((out / "metrics.json").read_text())["history"][-1]
+    result = pretrainer.main(_args(root, tmp_path / "unused", "--evaluate", str(out / "last.pt")))
+    assert result["exit_code"] == 0 and result["images"] == 15
+    assert (result["top1"], result["top5"]) == (final["top1"], final["top5"])          # exactly
+    assert (result["correct1"], result["correct5"]) == (final["correct1"], final["correct5"])
+    assert f"top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%" in capsys.readouterr().out
+    assert not (tmp_path / "unused").exists()                 # evaluation writes nothing
+
+
+# --- unreadable images ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_tree(tree: Path, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The tree plus, in the first train class, a truncated JPEG, a zero-byte file, a non-image and a
+    decompression bomb, and a grayscale and a CMYK JPEG that load (38 train images); plus a zero-byte
+    val image (17 val images). Returns (root, {bad train file name: words of its reason})."""
+    root = tmp_path_factory.mktemp("bad") / "inet"
+    shutil.copytree(tree, root)
+    bad = add_bad_images(root / "train" / WNIDS[0])
+    (root / "val" / WNIDS[1] / "empty_val.JPEG").write_bytes(b"")
+    return root, bad
+
+
+def test_check_data_names_each_unreadable_image_and_exits(bad_tree, tmp_path: Path, capsys) -> None:
+    root, bad = bad_tree
+    result = pretrainer.main(_args(root, tmp_path / "run", "--check-data"))
+    assert result["exit_code"] == 0 and not (tmp_path / "run").exists()     # nothing trained, nothing written
+    report = result["data_report"]
+    train = {Path(f).name: why for f, why in report["train"]}
+    assert set(train) == set(bad)                                            # not gray.JPEG nor cmyk.JPEG
+    for name, words in bad.items():
+        assert words in train[name] and train[name].endswith("; image skipped"), (name, train[name])
+    assert report["val"] == [(str(root / "val" / WNIDS[1] / "empty_val.JPEG"), "empty file; image skipped")]
+    printed = capsys.readouterr().out
+    for f, why in report["train"] + report["val"]:
+        assert f"  {f}: {why}\n" in printed
+    assert "gray.JPEG" not in printed and "cmyk.JPEG" not in printed
+
+
+def test_training_skips_and_counts_unreadable_images(bad_tree, tmp_path: Path, capsys) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    root, bad = bad_tree
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipped: .*zerobyte.JPEG: empty file"):
+        result = pretrainer.main(_args(root, out, "--epochs", "1", "--batch-size", "19"))
+    # 38 train images in 2 steps of 19: each read once, the 4 broken ones skipped and counted.
+    assert result["exit_code"] == 0 and result["step"] == 2 and result["skipped_images"] == len(bad) == 4
+    assert load_checkpoint(out / "last.pt")["state"]["skipped_images"] == 4
+    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == 4
+    assert result["history"][0]["images"] == 16                              # the zero-byte val image skipped
+    printed = capsys.readouterr().out
+    assert "val: 1 unreadable images found (headers read), each skipped" in printed
+    assert f"  {root / 'val' / WNIDS[1] / 'empty_val.JPEG'}: empty file; image skipped" in printed
+    assert "train: images not checked at start" in printed and "4 unreadable training images skipped" in printed
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    assert [e.value for e in acc.Scalars("data/val_problems")] == [1]
+    assert [e.value for e in acc.Scalars("data/skipped_images")] == [4]
+    assert any(t.startswith("data/val_report") for t in acc.Tags()["tensors"])      # the report as text
+    assert "data/train_problems" not in acc.Tags()["scalars"]                         # train/ is not scanned at start
+
+
+def test_a_batch_without_a_readable_image_is_skipped_not_fatal(tree: Path, tmp_path: Path, monkeypatch) -> None:
+    original = ImageNetClassification.__getitem__
+    fetched = {"train": 0}
+
+    def getitem(self, index):
+        if self.train:
+            fetched["train"] += 1
+            if fetched["train"] <= 8:                         # the whole first batch unreadable
+                return None
+        return original(self, index)
+
+    monkeypatch.setattr(ImageNetClassification, "__getitem__", getitem)
+    result = pretrainer.main(_args(tree, tmp_path / "run", "--epochs", "1"))
+    assert result["exit_code"] == 0 and result["step"] == 4
+    assert result["skipped_images"] == 8 and result["skipped_steps"] == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["skipped_images"] == 8
