@@ -10,7 +10,6 @@ Box conventions (stated once, here):
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import random

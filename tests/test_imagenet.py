@@ -339,7 +339,7 @@ def test_check_images_by_header_and_by_decode(tree: Path, tmp_path: Path) -> Non
     assert data.val.check_images(decode=True) == []
     # Processes split the work: the shards together find each problem once.
     parts = [data.train.check_images(decode=False, shard=(r, 3)) for r in range(3)]
-    assert sorted(p for part in parts for p in part) == sorted(header)
+    assert sorted(f for part in parts for f, _ in part) == sorted(f for f, _ in header)
     # Grayscale and CMYK load as RGB.
     index = {p.name: i for i, (p, _) in enumerate(data.train.samples)}
     for name in ("gray.JPEG", "cmyk.JPEG"):
