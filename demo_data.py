@@ -59,6 +59,7 @@ JPEG_QUALITY = 90
 VOC_SIZE_RANGE = (200, 320)        # inclusive, width and height drawn independently
 IMAGENET_SIZE_RANGE = (160, 256)   # inclusive
 OBJECT_FRAC = (0.18, 0.55)         # shape size / min(H, W)
+OBJECTS_PER_IMAGE = (1, 4)         # inclusive
 DIFFICULT_FRAC = (0.07, 0.11)      # the rare tiny objects, marked difficult like VOC
 DIFFICULT_RATE = 0.03
 BORDER_RATE = 0.35                 # shapes placed anywhere (often cut by the border), not clear of it
@@ -334,7 +335,7 @@ def render_voc_image(seed: int, index: int) -> DemoImage:
     H = int(rng.integers(VOC_SIZE_RANGE[0], VOC_SIZE_RANGE[1] + 1))
     img = _background(rng, H, W)
     labels = np.zeros((H, W), dtype=np.int16)
-    n_target = int(rng.integers(1, 5))
+    n_target = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
     masks: list[np.ndarray] = []
     meta: list[tuple[str, bool]] = []
     boxes: list[tuple[int, int, int, int]] = []
