@@ -127,6 +127,32 @@ def parse_image_set(spec: str) -> list[tuple[str, str]]:
     return out
 
 
+def image_set_ids(root: Path, image_set: str, report: list[tuple[str, str]]):
+    """Yield ``(year, image_id, voc_folder)`` for every id listed in ``image_set``'s
+    ``ImageSets/Main/<split>.txt`` files under the VOCdevkit folder ``root``. Ids with a path
+    separator or ``..`` are refused and repeated ids ignored, each recorded in ``report`` as
+    ``(file:line, reason)``; a missing list file raises :class:`DataError`."""
+    seen: set[tuple[str, str]] = set()
+    for year, split in parse_image_set(image_set):
+        voc = root / f"VOC{year}"
+        list_file = voc / "ImageSets" / "Main" / f"{split}.txt"
+        if not list_file.is_file():
+            raise DataError(f"image set file {list_file} does not exist (is --data-root right?)")
+        for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+            image_id = line.strip().split(" ")[0] if line.strip() else ""
+            if not image_id:
+                continue
+            where = f"{list_file}:{line_no}"
+            if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
+                report.append((where, f"unsafe image id {image_id!r} refused"))
+                continue
+            if (year, image_id) in seen:
+                report.append((where, f"duplicate image id {image_id!r} ignored"))
+                continue
+            seen.add((year, image_id))
+            yield year, image_id, voc
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 @dataclass
@@ -318,39 +344,23 @@ class VOCDetection(Dataset):
         self.fill = [round(255 * m) for m in mean]   # padding normalises to 0
         self.report: list[tuple[str, str]] = []
         self.items: list[tuple[Path, Annotation]] = []
-        seen: set[tuple[str, str]] = set()
-        for year, split in parse_image_set(image_set):
-            voc = self.root / f"VOC{year}"
-            list_file = voc / "ImageSets" / "Main" / f"{split}.txt"
-            if not list_file.is_file():
-                raise DataError(f"image set file {list_file} does not exist (is --data-root right?)")
-            for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
-                image_id = line.strip().split(" ")[0] if line.strip() else ""
-                if not image_id:
-                    continue
-                where = f"{list_file}:{line_no}"
-                if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
-                    self.report.append((where, f"unsafe image id {image_id!r} refused"))
-                    continue
-                if (year, image_id) in seen:
-                    self.report.append((where, f"duplicate image id {image_id!r} ignored"))
-                    continue
-                seen.add((year, image_id))
-                img, xml = voc / "JPEGImages" / f"{image_id}.jpg", voc / "Annotations" / f"{image_id}.xml"
-                if not img.is_file():
-                    self.report.append((str(img), "image file missing; id skipped"))
-                    continue
-                if not xml.is_file():
-                    self.report.append((str(xml), "annotation file missing; id skipped"))
-                    continue
-                try:
-                    ann, problems = parse_voc_xml(xml, self.class_names)
-                except DataError as e:
-                    self.report.append((str(xml), str(e).split(": ", 1)[-1] + "; id skipped"))
-                    continue
-                self.report += [(str(xml), p) for p in problems]
-                ann.image_id = image_id if len(parse_image_set(image_set)) == 1 else f"{year}_{image_id}"
-                self.items.append((img, ann))
+        multi = len(parse_image_set(image_set)) > 1
+        for year, image_id, voc in image_set_ids(self.root, image_set, self.report):
+            img, xml = voc / "JPEGImages" / f"{image_id}.jpg", voc / "Annotations" / f"{image_id}.xml"
+            if not img.is_file():
+                self.report.append((str(img), "image file missing; id skipped"))
+                continue
+            if not xml.is_file():
+                self.report.append((str(xml), "annotation file missing; id skipped"))
+                continue
+            try:
+                ann, problems = parse_voc_xml(xml, self.class_names)
+            except DataError as e:
+                self.report.append((str(xml), str(e).split(": ", 1)[-1] + "; id skipped"))
+                continue
+            self.report += [(str(xml), p) for p in problems]
+            ann.image_id = f"{year}_{image_id}" if multi else image_id
+            self.items.append((img, ann))
         if not self.items:
             raise DataError(f"image set {image_set!r} under {self.root} holds no usable image")
 

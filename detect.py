@@ -36,7 +36,7 @@ from tqdm import tqdm
 import draw
 from dataset import MEAN, STD, DataError, color_normalize, read_image, warp_image
 from model import YoloConfig, YOLOv1
-from utils import autocast_dtype, decode_predictions, load_checkpoint
+from utils import autocast_dtype, decode_predictions
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")   # what torchvision.io decodes
 
@@ -155,15 +155,8 @@ def load_detector(path: str | Path) -> tuple[YOLOv1, YoloConfig, list[str], dict
     """The detector of a train_detector.py checkpoint, in eval mode, with its class names, via
     evaluate.load_model (strict loading, clear errors)."""
     from evaluate import load_model
-    ckpt = load_checkpoint(path)
-    if "class_names" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'class_names'; is it a train_detector.py checkpoint? "
-                         "(pretrainer.py checkpoints hold a classifier, not a detector)")
-    class_names = [str(c) for c in ckpt["class_names"]]
-    data = (ckpt.get("config") or {}).get("data", "")
-    del ckpt   # load_model reads the file again; do not hold two copies of the weights
-    model, cfg, ckpt = load_model(path, class_names, data)
-    return model.eval(), cfg, class_names, ckpt
+    model, cfg, ckpt = load_model(path)
+    return model.eval(), cfg, [str(c) for c in ckpt["class_names"]], ckpt
 
 
 def parse_classes(classes: Sequence[str] | None, class_names: Sequence[str]) -> list[int] | None:

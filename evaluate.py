@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset
-from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, parse_image_set, \
+from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
 from utils import ShardSampler, cleanup_distributed, load_checkpoint, predict, setup_distributed
@@ -197,48 +197,31 @@ def load_ground_truth(data_root: str | Path, image_set: str, class_names: Sequen
     fresh: dict[str, list] = {}
     gt: dict[str, GroundTruth] = {}
     report: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for year, split in parts:
-        voc = root / f"VOC{year}"
-        list_file, ann_dir = voc / "ImageSets" / "Main" / f"{split}.txt", str(voc / "Annotations")
-        if not list_file.is_file():
-            raise DataError(f"image set file {list_file} does not exist (is --data-root right?)")
-        for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
-            image_id = line.strip().split(" ")[0] if line.strip() else ""
-            if not image_id:
-                continue
-            where = f"{list_file}:{line_no}"
-            if "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
-                report.append((where, f"unsafe image id {image_id!r} refused"))
-                continue
-            if (year, image_id) in seen:
-                report.append((where, f"duplicate image id {image_id!r} ignored"))
-                continue
-            seen.add((year, image_id))
-            xml = f"{ann_dir}{os.sep}{image_id}.xml"   # plain strings: pathlib costs more than hashing here
+    for year, image_id, voc in image_set_ids(root, image_set, report):
+        xml = f"{voc}{os.sep}Annotations{os.sep}{image_id}.xml"   # plain strings: pathlib costs more than hashing here
+        try:
+            with open(xml, "rb") as f:
+                raw = f.read()
+        except (FileNotFoundError, IsADirectoryError):
+            report.append((xml, "annotation file missing; id skipped"))
+            continue
+        digest, rel = _digest(raw), f"VOC{year}/{image_id}"
+        entry = entries.get(rel)
+        if entry is None or entry[0] != digest:
             try:
-                with open(xml, "rb") as f:
-                    raw = f.read()
-            except (FileNotFoundError, IsADirectoryError):
-                report.append((xml, "annotation file missing; id skipped"))
+                ann, problems = parse_voc_xml(xml, class_names)
+            except DataError as e:
+                report.append((xml, str(e).split(": ", 1)[-1] + "; id skipped"))
                 continue
-            digest, rel = _digest(raw), f"VOC{year}/{image_id}"
-            entry = entries.get(rel)
-            if entry is None or entry[0] != digest:
-                try:
-                    ann, problems = parse_voc_xml(xml, class_names)
-                except DataError as e:
-                    report.append((xml, str(e).split(": ", 1)[-1] + "; id skipped"))
-                    continue
-                entry = [digest, ann.boxes.tolist(), ann.labels.tolist(), ann.difficult.tolist(), problems]
-                with open(xml, "rb") as f:
-                    if _digest(f.read()) != digest:   # rewritten while parsed: do not cache that parse
-                        entry[0] = ""
-            fresh[rel] = entry
-            report += [(xml, p) for p in entry[4]]
-            name = image_id if len(parts) == 1 else f"{year}_{image_id}"
-            gt[name] = GroundTruth(np.array(entry[1], np.float64).reshape(-1, 4), np.array(entry[2], np.int64),
-                                   np.array(entry[3], bool))
+            entry = [digest, ann.boxes.tolist(), ann.labels.tolist(), ann.difficult.tolist(), problems]
+            with open(xml, "rb") as f:
+                if _digest(f.read()) != digest:   # rewritten while parsed: do not cache that parse
+                    entry[0] = ""
+        fresh[rel] = entry
+        report += [(xml, p) for p in entry[4]]
+        name = image_id if len(parts) == 1 else f"{year}_{image_id}"
+        gt[name] = GroundTruth(np.array(entry[1], np.float64).reshape(-1, 4), np.array(entry[2], np.int64),
+                               np.array(entry[3], bool))
     if not gt:
         raise DataError(f"image set {image_set!r} under {root} holds no usable annotation")
     if cache_file is not None and fresh != entries:
@@ -291,17 +274,18 @@ def bench_annotation_loading(tmpdir: str | Path, n: int = 5000, seed: int = 0) -
 
 # ----------------------------------------------------------------------------- model
 
-def load_model(path: str | Path, class_names: Sequence[str], data: str) -> tuple[YOLOv1, YoloConfig, dict]:
+def load_model(path: str | Path, class_names: Sequence[str] | None = None, data: str = "") -> tuple[YOLOv1, YoloConfig, dict]:
     """Build the detector a train_detector.py checkpoint describes and load its weights (strictly).
     Raises ValueError naming the checkpoint when keys are missing, its classes differ from the
-    data's or its weights do not fit its own model config."""
+    data's (``class_names``; None takes the checkpoint's own) or its weights do not fit its own
+    model config."""
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "model_config", "class_names") if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}; is it a train_detector.py checkpoint? "
                          "(pretrainer.py checkpoints hold a classifier, not a detector)")
     saved = list(ckpt["class_names"])
-    if saved != list(class_names):
+    if class_names is not None and saved != list(class_names):
         trained_on = (ckpt.get("config") or {}).get("data")
         hint = f"; it was trained with --data {trained_on}" if trained_on and trained_on != data else ""
         raise ValueError(f"checkpoint {path} was trained on {len(saved)} classes {saved}, but --data {data} has "

@@ -31,7 +31,6 @@ from torch import Tensor
 
 from dataset import MEAN, STD
 from model import YoloConfig, YOLOv1
-from utils import load_checkpoint
 
 DEFAULT_OPSET = 17
 ATOL, RTOL = 1e-4, 1e-3   # float32 kernels of two runtimes differ in summation order, not more
@@ -53,15 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_detector(path: str | Path) -> tuple[YOLOv1, YoloConfig, list[str]]:
     """The detector of a train_detector.py checkpoint (via evaluate.load_model), in eval mode."""
     from evaluate import load_model
-    ckpt = load_checkpoint(path)
-    if "class_names" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'class_names'; is it a train_detector.py checkpoint? "
-                         "(pretrainer.py checkpoints hold a classifier, not a detector)")
-    class_names = [str(c) for c in ckpt["class_names"]]
-    data = (ckpt.get("config") or {}).get("data", "")
-    del ckpt
-    model, cfg, _ = load_model(path, class_names, data)
-    return model.eval(), cfg, class_names
+    model, cfg, ckpt = load_model(path)
+    return model.eval(), cfg, [str(c) for c in ckpt["class_names"]]
 
 
 def export_onnx(model: YOLOv1, path: str | Path, class_names: Sequence[str], opset: int = DEFAULT_OPSET) -> Path:

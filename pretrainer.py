@@ -46,7 +46,8 @@ from dataset import MEAN, STD, collate_skip_none, color_normalize
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, load_checkpoint, rng_state, save_checkpoint,
+                   check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
+                   save_checkpoint,
                    seed_everything, set_rng_state, setup_distributed)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
@@ -546,15 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         print(f"model: {model_cfg} | {params / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOPs/image | device {device}"
               + (f", {torch.get_num_threads()} compute threads" if device.type == "cpu" else ""))
-    decay, no_decay = [], []
-    for p_ in model.parameters():
-        (no_decay if p_.ndim <= 1 else decay).append(p_)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), fused=fused or None)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, device)
     steps_per_epoch = train_sampler.num_samples // per_proc   # the loader drops the last partial batch
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")

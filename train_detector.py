@@ -30,9 +30,9 @@ from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, col
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (AverageMeter, GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype, check_config_compatible,
-                   cleanup_distributed, format_loss, load_checkpoint, predict, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+from utils import (AverageMeter, GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
+                   check_config_compatible, cleanup_distributed, format_loss, load_checkpoint, make_optimizer,
+                   predict, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -353,15 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         print(f"model: {model_cfg} | {params / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOPs/image")
     criterion = YoloLoss(cfg.S, cfg.B, len(class_names), cfg.lambda_coord, cfg.lambda_noobj, cfg.rescore)
-    decay, no_decay = [], []
-    for n_, p_ in model.named_parameters():
-        (no_decay if p_.ndim <= 1 else decay).append(p_)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused or None)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), fused=fused or None)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, device)
     steps_per_epoch = train_sampler.num_samples // per_proc   # the loader drops the last partial batch
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")

@@ -349,3 +349,18 @@ def all_ranks(flag: Tensor | bool) -> bool:
     t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW (beta1 = ``momentum``), with weight decay on weights only (biases
+    and BatchNorm parameters, the tensors of at most one dimension, get none); fused on CUDA."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = True if device.type == "cuda" else None
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
+    if name == "adam":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=fused)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")

@@ -1,9 +1,5 @@
 """Every kind of broken input in one VOC tree: reported by file and reason, never fatal, never silent."""
 import io
-import shutil
-import struct
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +9,7 @@ from PIL import Image
 import train_detector
 from dataset import VOCDetection, read_image
 from demo_data import DEMO_CLASSES
-from helpers import TINY, tiny_voc
+from helpers import TINY, png_bomb, tiny_voc
 
 XML = """<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{objects}</annotation>"""
 OBJ = "<object><name>{name}</name>{difficult}<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
@@ -21,17 +17,6 @@ OBJ = "<object><name>{name}</name>{difficult}<bndbox><xmin>{x0}</xmin><ymin>{y0}
 
 def obj(name="circle", x0=10, y0=10, x1=50, y1=60, difficult="<difficult>0</difficult>"):
     return OBJ.format(name=name, x0=x0, y0=y0, x1=x1, y1=y1, difficult=difficult)
-
-
-def png_bomb(w: int, h: int) -> bytes:
-    """A real 8x8 PNG whose header (with a correct CRC) claims w x h pixels."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
 
 
 @pytest.fixture

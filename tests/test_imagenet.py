@@ -7,9 +7,7 @@ import csv
 import io
 import os
 import shutil
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import DataError, collate_skip_none  # noqa: E402
+from helpers import png_bomb  # noqa: E402
 from demo_data import DEMO_WNID_NAMES, DEMO_WNIDS, make_demo_imagenet, make_flat_val  # noqa: E402
 from imagenet import (ImageNetClassification, check_image_header, eval_transform, load_imagenet,  # noqa: E402
                       prepare_val, random_resized_crop_box, read_devkit_ground_truth, read_val_solution, val_labels)
@@ -55,17 +54,6 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 
 def _labels_by_id(ds: ImageNetClassification) -> dict[str, str]:
     return {p.stem: ds.class_names[label] for p, label in ds.samples}
-
-
-def png_bomb(w: int, h: int) -> bytes:
-    """A real 8x8 PNG whose header (with a correct CRC) claims w x h pixels."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = b"IHDR" + struct.pack(">II", w, h) + bytes(data[24:29])
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
-    return bytes(data)
 
 
 def add_bad_images(folder: Path) -> dict[str, str]:
