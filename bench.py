@@ -597,30 +597,20 @@ def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device:
 
 
 def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.device) -> Callable:
-    """One training step as pretrainer.train_one_epoch does it (no colour jitter: the recipe's default)."""
+    """One training step: ``pretrainer.train_step`` itself (no colour jitter: the recipe's default)."""
+    from types import SimpleNamespace
+    from pretrainer import train_step
     amp_dtype = autocast_dtype(device)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
+    bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                  for b in m.buffers()]
+    backup = [b.clone() for b in bn_buffers]
+    step_cfg = SimpleNamespace(color_jitter=0.0, mean=MEAN, std=STD, channels_last=cfg.channels_last, amp=cfg.amp,
+                               clip_grad=0.0)
 
     def step(images: Tensor, labels: Tensor, info: Tensor) -> None:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        x = color_normalize(images, mean=MEAN, std=STD)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        correct = (logits.detach().argmax(1) == labels).sum()
-        loss_v, gnorm_v, _ = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
-        if scaler.is_enabled():
-            scaler.step(optimizer)
-            scaler.update()
-        elif math.isfinite(loss_v) and math.isfinite(gnorm_v):
-            optimizer.step()
+        train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device, amp_dtype, params,
+                   bn_buffers, backup)
     return step
 
 

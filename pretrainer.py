@@ -234,6 +234,47 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
     return cfg.lr_gamma ** ((step // steps_per_epoch) // cfg.lr_step_epochs)
 
 
+def train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params: list[Tensor],
+               bn_buffers: list[Tensor], backup: list[Tensor]) -> tuple[bool, float, float, float]:
+    """Forward, cross-entropy, backward and update on one ``(uint8 images, labels, info)`` batch.
+
+    Returns ``(bad, loss, grad_norm, correct)`` read from the device once. ``bad`` (a non-finite
+    loss on any process, or a non-finite gradient norm without fp16) means no optimizer step was
+    taken; the BatchNorm statistics are snapshotted into ``backup`` first so the caller can restore
+    them. With fp16 the GradScaler skips overflow steps itself."""
+    images, labels, info = batch
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if cfg.color_jitter > 0:
+        x = color_normalize(images, info[:, 1], info[:, 2], cfg.mean, cfg.std)
+    else:
+        x = color_normalize(images, mean=cfg.mean, std=cfg.std)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for saved, b in zip(backup, bn_buffers):
+        saved.copy_(b)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+    correct = (logits.detach().argmax(1) == labels).sum()
+    loss_v, gnorm_v, correct_v = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
+    # One decision for all processes: gradients are all-reduced, losses are not.
+    loss_bad = not all_ranks(math.isfinite(loss_v))
+    if scaler.is_enabled():
+        scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
+        scaler.update()
+        bad = loss_bad           # an fp16 overflow with a finite loss is the scaler's routine, not a bad step
+    else:
+        bad = loss_bad or not math.isfinite(gnorm_v)
+        if not bad:
+            optimizer.step()
+    return bad, loss_v, gnorm_v, correct_v
+
+
 def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainConfig, state: dict, device,
                     writer, is_main: bool, checkpoint_fn, steps_per_epoch: int, stopper: GracefulStop,
                     bn_buffers: list[Tensor]) -> dict:
@@ -269,36 +310,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
                 tqdm.write(f"step {state['step']}: no readable image left in a process's batch (see the warnings "
                            f"above); step skipped by every process ({state['skipped_images']} images skipped so far)")
         else:
-            images, labels, info = batch
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if cfg.color_jitter > 0:
-                x = color_normalize(images, info[:, 1], info[:, 2], cfg.mean, cfg.std)
-            else:
-                x = color_normalize(images, mean=cfg.mean, std=cfg.std)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for saved, b in zip(backup, bn_buffers):
-                saved.copy_(b)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-            correct = (logits.detach().argmax(1) == labels).sum()
-            loss_v, gnorm_v, correct_v = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
-            # One decision for all processes: gradients are all-reduced, losses are not.
-            loss_bad = not all_ranks(math.isfinite(loss_v))
-            if scaler.is_enabled():
-                scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
-                scaler.update()
-                bad = loss_bad           # an fp16 overflow with a finite loss is the scaler's routine, not a bad step
-            else:
-                bad = loss_bad or not math.isfinite(gnorm_v)
-                if not bad:
-                    optimizer.step()
+            bad, loss_v, gnorm_v, correct_v = train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype,
+                                                         params, bn_buffers, backup)
             with warnings.catch_warnings():
                 if bad:   # a skipped first step makes torch warn about the call order; the schedule follows steps taken
                     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
