@@ -44,7 +44,7 @@ FAST_LAYERS: list = [
 FAST_HEAD_CONVS: list = [(3, 1024, 1), (3, 1024, 1)]
 # The small network both training scripts use on their generated demo data (CPU-sized), so that a
 # demo pretraining checkpoint's backbone fits the demo detector.
-DEMO_MODEL: dict = {"width": 0.125, "batch_norm": True}
+DEMO_MODEL: dict = {"width": 0.0625, "batch_norm": True}
 
 
 @dataclass
@@ -83,6 +83,29 @@ class YoloConfig:
         return asdict(self)
 
 
+LEAKY_SLOPE = 0.1
+
+
+def _he_init(layer: nn.Conv2d | nn.Linear) -> None:
+    """He (Kaiming) normal, fan-in, for a layer followed by leaky ReLU(0.1); zero bias.
+
+    Why not PyTorch's default (kaiming_uniform with a=sqrt(5)): it shrinks each layer's output
+    variance about 6x under leaky ReLU, so the paper's BatchNorm-free backbone turns a
+    unit-variance input into features of std ~0.01; He init keeps them of order 1
+    (tests/test_model.py checks both)."""
+    nn.init.kaiming_normal_(layer.weight, a=LEAKY_SLOPE, mode="fan_in", nonlinearity="leaky_relu")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def _output_init(layer: nn.Linear) -> None:
+    """Normal(0, 0.01) weights and zero bias for a linear output layer (the usual init of
+    detection and classification outputs): initial predictions are small and carry no random
+    per-cell or per-class offsets."""
+    nn.init.normal_(layer.weight, std=0.01)
+    nn.init.zeros_(layer.bias)
+
+
 def _ch(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
@@ -92,9 +115,10 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int, batch_norm: bool):
         layers = OrderedDict(conv=nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=not batch_norm))
+        _he_init(layers["conv"])
         if batch_norm:
             layers["bn"] = nn.BatchNorm2d(c_out)
-        layers["act"] = nn.LeakyReLU(0.1, inplace=True)
+        layers["act"] = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
         super().__init__(layers)
 
 
@@ -138,6 +162,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes)
+        _output_init(self.fc)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(x.mean(dim=(2, 3)))
@@ -156,9 +181,11 @@ class DetectionHead(nn.Module):
             size = (size + 2 * (item[0] // 2) - item[0]) // item[2] + 1
         hidden = _ch(cfg.fc_dim, cfg.width)
         self.fc1 = nn.Linear(c * size * size, hidden)
-        self.act = nn.LeakyReLU(0.1, inplace=True)
+        self.act = nn.LeakyReLU(LEAKY_SLOPE, inplace=True)
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc2 = nn.Linear(hidden, cfg.S * cfg.S * cfg.cell_dim)
+        _he_init(self.fc1)
+        _output_init(self.fc2)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.convs(x).flatten(1)

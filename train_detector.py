@@ -41,10 +41,10 @@ RECIPES = {
                 warmup_epochs=5, warmup_lr=1e-3, lr_steps="75,105", lr_gamma=0.1, image_size=448,
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
                 val_set="2007-test", eval_interval=5, workers=8, dropout=0.5),
-    "demo": dict(epochs=90, batch_size=32, lr=3e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
-                 warmup_epochs=2, warmup_lr=3e-4, lr_steps="70,82", lr_gamma=0.1, image_size=128, dropout=0.0,
+    "demo": dict(epochs=90, batch_size=32, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+                 warmup_epochs=2, warmup_lr=1e-4, lr_steps="72,84", lr_gamma=0.1, image_size=224, dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
-                 val_set="2007-test", eval_interval=10, workers=1),
+                 val_set="2007-test", eval_interval=10, workers=0),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
 
@@ -75,6 +75,7 @@ class TrainConfig:
     S: int = 7
     B: int = 2
     width: float = 0.0
+    fc_dim: int = 4096
     batch_norm: bool | None = None
     variant: str = ""
     dropout: float = -1.0
@@ -127,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("-S", type=int, default=7, help="grid size")
     p.add_argument("-B", type=int, default=2, help="boxes per cell")
     p.add_argument("--width", type=float, default=0.0, help=f"channel width multiplier {r}")
+    p.add_argument("--fc-dim", type=int, default=4096, help="hidden units of the head's first FC layer, before --width (default 4096)")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"BatchNorm after each conv {r}")
     p.add_argument("--variant", choices=["yolo", "fast"], default="", help=f"YOLO (24 conv) or Fast YOLO (9 conv) {r}")
     p.add_argument("--dropout", type=float, default=-1.0, help=f"dropout after the first FC layer {r}")
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--data voc needs --data-root (the folder holding VOCdevkit)")
         data_root, class_names = cfg.data_root, VOC_CLASSES
     model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
-                           batch_norm=bool(cfg.batch_norm), width=cfg.width, dropout=cfg.dropout)
+                           batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout)
     train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
                              keep_difficult=cfg.keep_difficult, seed=cfg.seed)
     val_set = VOCDetection(data_root, cfg.val_set, class_names, cfg.image_size, cfg.S, train=False)

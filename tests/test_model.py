@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn as nn
 
-from model import (Classifier, YoloConfig, YOLOv1, count_params_flops, load_backbone, split_output)
+from model import (Backbone, Classifier, YoloConfig, YOLOv1, count_params_flops, load_backbone, split_output)
 
 
 def test_paper_detector_params_and_flops():
@@ -80,3 +81,26 @@ def test_config_validation():
         YoloConfig(variant="tiny")
     with pytest.raises(ValueError):
         YoloConfig(image_size=450)
+
+
+def test_he_init_keeps_the_signal_through_the_batchnorm_free_backbone():
+    torch.manual_seed(0)
+    backbone = Backbone(YoloConfig(width=0.25, image_size=224))   # the paper's layers, no BatchNorm
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        ours = backbone(x).std().item()
+        for m in backbone.modules():            # PyTorch's default init, for comparison
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+        default = backbone(x).std().item()
+    assert 0.3 < ours < 5, ours
+    assert default < 0.05, default
+
+
+def test_output_layers_init():
+    torch.manual_seed(0)
+    head = YOLOv1(YoloConfig(C=5, width=0.125, image_size=128, batch_norm=True)).head
+    for fc in (head.fc2, Classifier(YoloConfig(width=0.125), 1000).head.fc):
+        assert fc.bias.abs().max() == 0 and abs(fc.weight.std().item() - 0.01) < 1e-3
+    gain = 2 / (1 + 0.1 ** 2)   # He init of the hidden FC: variance gain / fan_in
+    assert abs(head.fc1.weight.var().item() * head.fc1.in_features / gain - 1) < 0.05
