@@ -47,7 +47,7 @@ from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
                    check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
-                   save_checkpoint,
+                   print_problems, save_checkpoint,
                    seed_everything, set_rng_state, setup_distributed)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
@@ -534,10 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, problems in data_report.items():
             print(f"{name}: {len(problems)} unreadable images found ({'decoded' if cfg.check_data else 'headers read'}"
                   f"), each skipped")
-            for where, why in problems[: None if cfg.check_data else 20]:
-                print(f"  {where}: {why}")
-            if len(problems) > 20 and not cfg.check_data:
-                print(f"  ... and {len(problems) - 20} more (--check-data lists them all)")
+            print_problems(problems, cfg.check_data)
         if "train" not in data_report:
             print("train: images not checked at start (--check-data decodes them all); unreadable ones are skipped, "
                   "counted and logged as data/skipped_images")

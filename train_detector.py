@@ -32,7 +32,7 @@ from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
                    check_config_compatible, cleanup_distributed, format_loss, load_checkpoint, make_optimizer,
-                   predict, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+                   predict, print_problems, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -329,10 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
             rep = data_report[name]
             print(f"{name}: {len(ds)} images from {ds.root} ({cfg.train_set if name == 'train' else cfg.val_set}); "
                   f"{len(rep)} data problems found and handled")
-            for where, why in rep[: None if cfg.check_data else 20]:
-                print(f"  {where}: {why}")
-            if len(rep) > 20 and not cfg.check_data:
-                print(f"  ... and {len(rep) - 20} more (--check-data lists them all)")
+            print_problems(rep, cfg.check_data)
     if cfg.check_data:
         cleanup_distributed()
         return {"data_report": data_report}

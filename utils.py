@@ -260,6 +260,15 @@ class AverageMeter:
         return self.sum / max(self.count, 1)
 
 
+def print_problems(problems: list[tuple[str, str]], show_all: bool, limit: int = 20) -> None:
+    """Print ``(where, why)`` data problems, indented; the first ``limit`` unless ``show_all``
+    (--check-data lists them all)."""
+    for where, why in problems[: None if show_all else limit]:
+        print(f"  {where}: {why}")
+    if len(problems) > limit and not show_all:
+        print(f"  ... and {len(problems) - limit} more (--check-data lists them all)")
+
+
 def format_loss(terms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in terms.items())
 
