@@ -233,8 +233,9 @@ def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: 
     if exposure is not None and saturation is not None:
         N = x.shape[0]
         e, s = exposure.to(x).view(N, 1, 1, 1), saturation.to(x).view(N, 1, 1, 1)
-        V = x.amax(1, keepdim=True)                      # (N, 1, H, W), whole numbers 0..255
-        chroma = V - x.amin(1, keepdim=True)
+        # max and min over channels on the input's own dtype (uint8: a quarter of the bytes)
+        V = images.amax(1, keepdim=True).float()         # (N, 1, H, W), whole numbers 0..255
+        chroma = V - images.amin(1, keepdim=True).float()
         V_new = V.mul(e / 255).clamp_(max=1)             # V' in 0..1
         # c' = V' - a (V - c) with one gain per pixel a = V' S' / (V - m) = V' min(s / V, 1 / (V - m));
         # any finite a is right where V = m (grey pixels), hence the clamps.
@@ -254,23 +255,23 @@ def encode_target(boxes: Tensor, labels: Tensor, image_size: int, S: int, C: int
     and w, h relative to the image. One object per cell: when several centres fall in the same
     cell, the one with the largest box area is kept (ties: the first listed).
     """
-    target = torch.zeros(S, S, 5 + C)
-    if len(boxes) == 0:
-        return target
-    b = boxes.double()
-    cx = (b[:, 0] + b[:, 2]) * S / (2 * image_size)     # centre in cell units; exact on cell borders
-    cy = (b[:, 1] + b[:, 3]) * S / (2 * image_size)
-    b = b / image_size
-    col, row = cx.floor().clamp(0, S - 1).long(), cy.floor().clamp(0, S - 1).long()
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    order = torch.argsort(-area, stable=True).tolist()    # largest first, ties in listed order
-    for i in order[::-1]:                                   # written last = kept
-        r, c = row[i], col[i]
-        target[r, c, :4] = torch.stack([cx[i] - c, cy[i] - r, b[i, 2] - b[i, 0], b[i, 3] - b[i, 1]]).float()
-        target[r, c, 4] = 1
-        target[r, c, 5:] = 0
-        target[r, c, 5 + labels[i]] = 1
-    return target
+    # NumPy, not torch: a handful of objects per image, where a torch call costs more than its work.
+    target = np.zeros((S, S, 5 + C), np.float32)
+    if len(boxes):
+        b = boxes.detach().cpu().numpy().astype(np.float64)
+        cx = (b[:, 0] + b[:, 2]) * S / (2 * image_size)     # centre in cell units; exact on cell borders
+        cy = (b[:, 1] + b[:, 3]) * S / (2 * image_size)
+        wh = (b[:, 2:] - b[:, :2]) / image_size
+        col = np.clip(np.floor(cx), 0, S - 1).astype(np.int64)
+        row = np.clip(np.floor(cy), 0, S - 1).astype(np.int64)
+        order = np.argsort(-(wh[:, 0] * wh[:, 1]), kind="stable")   # largest first, ties in listed order
+        lab = labels.detach().cpu().numpy()
+        for i in order[::-1]:                                      # written last = kept
+            r, c = row[i], col[i]
+            target[r, c] = 0
+            target[r, c, :5] = (cx[i] - c, cy[i] - r, wh[i, 0], wh[i, 1], 1)
+            target[r, c, 5 + lab[i]] = 1
+    return torch.from_numpy(target)
 
 
 # ----------------------------------------------------------------------------- images
@@ -328,6 +329,11 @@ class VOCDetection(Dataset):
     ``info`` float64 ``(5,)`` = ``(index, orig_height, orig_width, exposure, saturation)``.
     An unreadable image yields ``None`` (named in a warning); :func:`collate_skip_none` drops it.
 
+    ``cache_images=True`` keeps every decoded image in memory after its first read (about
+    ``H * W * 3`` bytes each: a few hundred MB for the demo, far more for VOC): later epochs skip
+    the JPEG decode. The cache lives in the process that reads, so it lasts with ``--workers 0``
+    or persistent workers.
+
     Annotation problems are collected in ``self.report`` (file, reason) rather than stopping:
     ids that are unsafe or duplicated, missing files and unparseable annotations are left out;
     unknown classes and degenerate boxes are dropped from their image.
@@ -335,7 +341,8 @@ class VOCDetection(Dataset):
 
     def __init__(self, data_root: str | Path, image_set: str, class_names: Sequence[str] = VOC_CLASSES,
                  image_size: int = 448, S: int = 7, train: bool = False, keep_difficult: bool = False,
-                 jitter: float = 0.2, hsv: float = 1.5, seed: int = 0, mean: Sequence[float] = MEAN):
+                 jitter: float = 0.2, hsv: float = 1.5, seed: int = 0, mean: Sequence[float] = MEAN,
+                 cache_images: bool = False):
         self.root = resolve_voc_root(data_root)
         self.class_names = list(class_names)
         self.image_size, self.S, self.C = image_size, S, len(class_names)
@@ -343,6 +350,7 @@ class VOCDetection(Dataset):
         self.seed, self.epoch = seed, 0
         self.fill = [round(255 * m) for m in mean]   # padding normalises to 0
         self.report: list[tuple[str, str]] = []
+        self.cache: dict[int, Tensor] | None = {} if cache_images else None
         self.items: list[tuple[Path, Annotation]] = []
         multi = len(parse_image_set(image_set)) > 1
         for year, image_id, voc in image_set_ids(self.root, image_set, self.report):
@@ -406,11 +414,15 @@ class VOCDetection(Dataset):
 
     def __getitem__(self, index: int):
         path, ann = self.items[index]
-        try:
-            image = read_image(path)
-        except DataError as e:
-            warnings.warn(f"skipped: {e}")
-            return None
+        image = self.cache.get(index) if self.cache is not None else None
+        if image is None:
+            try:
+                image = read_image(path)
+            except DataError as e:
+                warnings.warn(f"skipped: {e}")
+                return None
+            if self.cache is not None:
+                self.cache[index] = image
         H, W = image.shape[-2:]
         keep = np.ones(len(ann.labels), bool) if self.keep_difficult else ~ann.difficult
         boxes = self.boxes_px(ann)[torch.from_numpy(keep)]

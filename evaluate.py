@@ -298,8 +298,9 @@ def load_model(path: str | Path, class_names: Sequence[str] | None = None, data:
     if cfg.C != len(saved):
         raise ValueError(f"checkpoint {path}: model_config has C={cfg.C} but class_names lists {len(saved)} classes")
     model = YOLOv1(cfg)
+    weights = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]   # the weight average when trained with one
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path}: weights do not fit its model_config {cfg}:\n{e}") from None
     return model, cfg, ckpt

@@ -30,9 +30,9 @@ from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, col
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (AverageMeter, GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, format_loss, load_checkpoint, make_optimizer,
-                   predict, print_problems, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
+                   autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16, format_loss,
+                   load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -40,11 +40,13 @@ RECIPES = {
     "voc": dict(epochs=135, batch_size=64, lr=1e-2, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
                 warmup_epochs=5, warmup_lr=1e-3, lr_steps="75,105", lr_gamma=0.1, image_size=448,
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
-                val_set="2007-test", eval_interval=5, workers=8, dropout=0.5),
-    "demo": dict(epochs=90, batch_size=32, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
-                 warmup_epochs=2, warmup_lr=1e-4, lr_steps="72,84", lr_gamma=0.1, image_size=224, dropout=0.0,
+                val_set="2007-test", eval_interval=5, workers=8, dropout=0.5, amp=False, ema_decay=0.0, fc_dim=4096,
+                cache_images=False),
+    "demo": dict(epochs=85, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+                 warmup_epochs=2, warmup_lr=1e-4, lr_steps="68,79", lr_gamma=0.1, image_size=224, dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
-                 val_set="2007-test", eval_interval=10, workers=0),
+                 val_set="2007-test", eval_interval=17, workers=0, amp=True, ema_decay=0.995, fc_dim=8192,
+                 cache_images=True),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
 
@@ -56,6 +58,7 @@ class TrainConfig:
     train_set: str = ""
     val_set: str = ""
     keep_difficult: bool = False
+    cache_images: bool | None = None
     augment: bool = True
     epochs: int = 0
     batch_size: int = 0          # global, over all processes
@@ -75,7 +78,7 @@ class TrainConfig:
     S: int = 7
     B: int = 2
     width: float = 0.0
-    fc_dim: int = 4096
+    fc_dim: int = 0
     batch_norm: bool | None = None
     variant: str = ""
     dropout: float = -1.0
@@ -84,7 +87,8 @@ class TrainConfig:
     out_dir: str = ""
     device: str = "auto"
     workers: int = -1
-    amp: bool = False
+    amp: bool | None = None
+    ema_decay: float = -1.0
     compile: bool = False
     channels_last: bool = False
     seed: int = 0
@@ -108,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--train-set", default="", help=f"image sets joined by '+', e.g. 2007-trainval+2012-trainval {r}")
     p.add_argument("--val-set", default="", help=f"image set to evaluate mAP on, e.g. 2007-test {r}")
     p.add_argument("--keep-difficult", action="store_true", help="keep VOC 'difficult' objects in the training targets")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"keep decoded training images in memory after the first epoch (with --workers 0) {r}")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="turn off the paper's augmentation (scale/translate, exposure/saturation, flip)")
     p.add_argument("--epochs", type=int, default=0, help=f"epochs {r}")
@@ -128,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("-S", type=int, default=7, help="grid size")
     p.add_argument("-B", type=int, default=2, help="boxes per cell")
     p.add_argument("--width", type=float, default=0.0, help=f"channel width multiplier {r}")
-    p.add_argument("--fc-dim", type=int, default=4096, help="hidden units of the head's first FC layer, before --width (default 4096)")
+    p.add_argument("--fc-dim", type=int, default=0, help=f"hidden units of the head's first FC layer, before --width {r}")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"BatchNorm after each conv {r}")
     p.add_argument("--variant", choices=["yolo", "fast"], default="", help=f"YOLO (24 conv) or Fast YOLO (9 conv) {r}")
     p.add_argument("--dropout", type=float, default=-1.0, help=f"dropout after the first FC layer {r}")
@@ -137,7 +143,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--out-dir", default="", help="run folder (default: runs/detector/<data>, numbered if taken)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, default=-1, help=f"data loader processes per GPU/process {r}")
-    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast (fp16 + GradScaler where no bf16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision: bf16 autocast (fp16 + GradScaler on GPUs without bf16; on a CPU only "
+                        f"where it has bf16 hardware, AVX512-BF16 or AMX) {r}")
+    p.add_argument("--ema-decay", type=float, default=-1.0,
+                   help=f"evaluate and save an exponential moving average of the weights with this decay (0: off) {r}")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -211,10 +221,11 @@ def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, dev
 
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg: TrainConfig, state: dict, device,
                     writer, is_main: bool, checkpoint_fn, steps_per_epoch: int, stopper: GracefulStop,
-                    log_file=None) -> dict:
+                    log_file=None, ema: ModelEMA | None = None) -> dict:
     """One pass over ``loader``. A step whose loss or gradient is not finite changes nothing (weights,
-    optimizer state and BatchNorm statistics are left as they were); it is logged and counted, and
-    ``cfg.max_bad_steps`` of them in a row stop the run. Returns the epoch's mean loss terms."""
+    optimizer state, BatchNorm statistics and the weight average ``ema`` are left as they were); it
+    is logged and counted, and ``cfg.max_bad_steps`` of them in a row stop the run. Returns the
+    epoch's mean loss terms."""
     model.train()
     amp_dtype = autocast_dtype(device)
     meters = {k: AverageMeter() for k in ("total", "coord", "obj", "noobj", "cls")}
@@ -230,6 +241,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
         finite, vals = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
         if finite:
             state["bad_steps"] = 0
+            if ema:
+                ema.update()
             for k, v in vals.items():
                 meters[k].update(v, n)
         else:
@@ -265,8 +278,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
 
 
 def evaluate(model, loader, dataset: VOCDetection, cfg: TrainConfig, model_cfg: YoloConfig, device) -> dict:
-    """VOC07 mAP@0.5 on the validation set, each image counted exactly once over all processes."""
-    preds = predict(model, loader, model_cfg.B, model_cfg.C, device, cfg.amp, cfg.conf_threshold, cfg.nms_iou,
+    """VOC07 mAP@0.5 on the validation set, each image counted exactly once over all processes.
+    Always in float32 (TF32 on GPUs), also under --amp: the mAP printed is the one evaluate.py
+    reports for the checkpoint with its default flags (bf16 boxes cost the demo about 0.005 mAP)."""
+    preds = predict(model, loader, model_cfg.B, model_cfg.C, device, False, cfg.conf_threshold, cfg.nms_iou,
                     cfg.max_det, cfg.channels_last)
     named = [(dataset.annotation(i).image_id, b, s, l) for i, b, s, l in preds]
     return evaluate_detections(detections_from_pixels(named, model_cfg.C), dataset.ground_truth(),
@@ -284,6 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed + rank, cfg.deterministic)
     if device.type == "cpu":   # compute threads + loader processes = cores: oversubscription stalls both
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - max(cfg.workers, 0)))
+    if cfg.amp and device.type == "cpu" and not cpu_has_native_bf16():
+        cfg.amp = False   # emulated bf16 is slower than float32
+        if is_main:
+            print("--amp: this CPU has no bf16 hardware (AVX512-BF16 or AMX); training in float32")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -315,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
                            batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout)
     train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
-                             keep_difficult=cfg.keep_difficult, seed=cfg.seed)
+                             keep_difficult=cfg.keep_difficult, seed=cfg.seed, cache_images=cfg.cache_images)
     val_set = VOCDetection(data_root, cfg.val_set, class_names, cfg.image_size, cfg.S, train=False)
     # Data problems: annotation and list problems were collected while indexing; images are checked
     # here by header (--check-data decodes every one). All are reported, none stops training.
@@ -358,6 +377,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step / steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
+    # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py.
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     # ---- resume
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0,
@@ -372,6 +393,10 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if ema and ckpt.get("ema"):
+            ema.load_state_dict(ckpt["ema"])
+        elif ema:   # the run had no average so far: start it from the resumed weights
+            ema = ModelEMA(model, cfg.ema_decay)
         state.update(ckpt["state"])
         set_rng_state(ckpt["rng"])
         if is_main:
@@ -381,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = ema.module if ema else model
 
     writer = SummaryWriter(str(out_dir)) if is_main else None
     if is_main:
@@ -398,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
             return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
+                         "ema": ema.state_dict() if ema else None,
                          "config": asdict(cfg), "model_config": model_cfg.to_dict(),
                          "class_names": list(class_names), "rng": rng_state()}, out_dir / name)
 
@@ -419,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
                                       **{**loader_kw, "persistent_workers": False})
             losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
-                                     writer, is_main, checkpoint, steps_per_epoch, stopper, log_file)
+                                     writer, is_main, checkpoint, steps_per_epoch, stopper, log_file, ema)
             if stopper.signum is not None:
                 checkpoint("last.pt")
                 if is_main:
@@ -435,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 print(f"epoch {epoch + 1}: train {format_loss(losses)}")
             if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-                last_result = evaluate(model, val_loader, val_set, cfg, model_cfg, device)
+                last_result = evaluate(eval_model, val_loader, val_set, cfg, model_cfg, device)
                 history.append({"epoch": epoch + 1, "map": last_result["map"]})
                 if is_main:
                     print(format_table(last_result))
@@ -444,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
                         if not math.isnan(ap):
                             writer.add_scalar(f"val_AP50/{name}", ap, state["step"])
                     # the same few validation images every evaluation: ground truth | prediction
-                    images, gts, preds = detection_samples(raw_model, val_set, device, num_images=cfg.tb_images)
+                    images, gts, preds = detection_samples(ema.module if ema else raw_model, val_set, device, num_images=cfg.tb_images)
                     log_detections(writer, "val/detections", images, gts, preds, class_names, state["step"])
                 if last_result["map"] > state["best_map"]:
                     state["best_map"] = last_result["map"]

@@ -245,6 +245,54 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast makes
+    training faster; elsewhere it is emulated and slower than float32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (and BatchNorm statistics) for evaluation.
+
+    After each optimizer step, :meth:`update` moves every floating-point tensor of the copy toward
+    the training model's: ``ema = d * ema + (1 - d) * model``. The decay ramps up as
+    ``d = decay * (1 - exp(-updates / ramp))``, so the copy follows the fast-changing early weights
+    closely and averages over about ``1 / (1 - decay)`` steps later on. Integer buffers
+    (``num_batches_tracked``) are copied. ``source`` is the plain model (not a DDP or compiled
+    wrapper); ``module`` is the averaged copy, always in eval mode and without gradients.
+    """
+
+    def __init__(self, source: torch.nn.Module, decay: float, ramp: float = 500.0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        import copy
+        self.source, self.decay, self.ramp, self.updates = source, decay, ramp, 0
+        self.module = copy.deepcopy(source).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        return self.decay * (1.0 - math.exp(-self.updates / self.ramp))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = self.current_decay()
+        pairs = list(zip(self.module.state_dict().values(), self.source.state_dict().values()))
+        floats = [(e, m) for e, m in pairs if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - d)
+        for e, m in pairs:
+            if not e.is_floating_point():
+                e.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "ramp": self.ramp}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
 class AverageMeter:
     """Running sum/count/average of a scalar, as in pytorch/examples."""
 
@@ -363,11 +411,12 @@ def all_ranks(flag: Tensor | bool) -> bool:
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW (beta1 = ``momentum``), with weight decay on weights only (biases
-    and BatchNorm parameters, the tensors of at most one dimension, get none); fused on CUDA."""
+    and BatchNorm parameters, the tensors of at most one dimension, get none); fused (one kernel
+    over all tensors) on CUDA and CPU."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = True if device.type == "cuda" else None
+    fused = True if device.type in ("cuda", "cpu") else None
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
     if name == "adam":

@@ -174,3 +174,28 @@ def test_read_image_modes_and_errors(tmp_path):
     text.write_text("not an image")
     with pytest.raises(DataError, match="t.jpg"):
         read_image(text)
+
+
+def test_cache_images_serves_the_same_items_without_reading_again(tmp_path):
+    from demo_data import DEMO_CLASSES, make_demo_voc
+    root = make_demo_voc(tmp_path / "data", n_trainval=4, n_test=1, seed=0)
+    plain = VOCDetection(root, "2007-trainval", DEMO_CLASSES, 64, 7, train=True)
+    cached = VOCDetection(root, "2007-trainval", DEMO_CLASSES, 64, 7, train=True, cache_images=True)
+    expected = {}
+    for epoch in (0, 1):                  # augmentation differs per epoch; read from disk
+        plain.set_epoch(epoch)
+        expected[epoch] = [plain[i] for i in range(len(plain))]
+    cached.set_epoch(0)
+    cached[0], cached[1]
+    assert sorted(cached.cache) == [0, 1]
+    for i in range(len(cached)):
+        cached[i]
+    for path, _ in cached.items:          # every read from now on must come from memory
+        path.unlink()
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        for i in range(len(cached)):
+            for got, want in zip(cached[i], expected[epoch][i]):
+                assert torch.equal(got, want), (epoch, i)
+    with pytest.warns(UserWarning, match="skipped"):
+        assert plain[0] is None           # without the cache the deleted file is gone

@@ -71,8 +71,10 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert a[step] == b[step], step      # bitwise: the floats are equal as written
-    wa, wb = load_checkpoint(full / "last.pt")["model"], load_checkpoint(crash / "last.pt")["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = load_checkpoint(full / "last.pt"), load_checkpoint(crash / "last.pt")
+    for wa, wb in ((ca["model"], cb["model"]), (ca["ema"]["module"], cb["ema"]["module"])):  # weights and average
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ca["ema"]["updates"] == cb["ema"]["updates"] == 12
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -186,3 +188,40 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_weight_average_is_evaluated_saved_and_loaded(tmp_path):
+    from evaluate import load_model
+    root = tiny_voc(tmp_path / "data", n_trainval=12, n_test=6)
+    out = tmp_path / "run"
+    res = run(["--data-root", str(root), "--epochs", "2", "--ema-decay", "0.9", "--out-dir", str(out)])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["ema"]["updates"] == 2 * 3 and ckpt["ema"]["decay"] == 0.9
+    model, cfg, _ = load_model(out / "last.pt")
+    ema_w, raw_w = ckpt["ema"]["module"], ckpt["model"]
+    assert all(torch.equal(v, ema_w[k]) for k, v in model.state_dict().items())       # the average is loaded
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in raw_w)                  # and it is not the raw weights
+    # the mAP the run reported (trained under --amp, the demo default) is the average's, in float32:
+    # evaluate.py with its default flags reports the same number for the checkpoint
+    import evaluate
+    again = evaluate.main(["--checkpoint", str(out / "last.pt"), "--data", "demo", "--data-root", str(root),
+                           "--device", "cpu", "--batch-size", "4"])
+    from utils import cpu_has_native_bf16
+    assert json.loads((out / "config.json").read_text())["train"]["amp"] is cpu_has_native_bf16()
+    assert again["map"] == pytest.approx(res["final_map"], abs=1e-9)
+    # --ema-decay 0: no average, the raw weights are the model
+    run(["--data-root", str(root), "--epochs", "1", "--ema-decay", "0", "--out-dir", str(tmp_path / "plain")])
+    plain = load_checkpoint(tmp_path / "plain" / "last.pt")
+    assert plain["ema"] is None
+    model, _, _ = load_model(tmp_path / "plain" / "last.pt")
+    assert all(torch.equal(v, plain["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_amp_falls_back_to_float32_on_a_cpu_without_bf16(tmp_path, monkeypatch, capsys):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    monkeypatch.setattr(train_detector, "cpu_has_native_bf16", lambda: False)
+    run(["--data-root", str(root), "--epochs", "1", "--amp", "--out-dir", str(tmp_path / "run")])
+    assert "no bf16 hardware" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["amp"] is False
+    cfg = train_detector.parse_args(["--data", "demo", "--no-amp"])
+    assert cfg.amp is False and train_detector.parse_args(["--data", "voc"]).amp is False
