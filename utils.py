@@ -277,7 +277,9 @@ class ModelEMA:
     def update(self) -> None:
         self.updates += 1
         d = self.current_decay()
-        pairs = list(zip(self.module.state_dict().values(), self.source.state_dict().values()))
+        # parameters() and buffers() walk both copies in the same order, far cheaper than state_dict()
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                         [*self.source.parameters(), *self.source.buffers()]))
         floats = [(e, m) for e, m in pairs if e.is_floating_point()]
         if floats:
             torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - d)
