@@ -32,7 +32,8 @@ from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16, format_loss,
-                   load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed)
+                   load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, setup_distributed)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    eval_model = ema.module if ema else model
+    eval_model = ema.module if ema else model          # what is evaluated (may be DDP-wrapped / compiled)
+    sample_model = ema.module if ema else raw_model    # the same weights as a plain module, for drawing
 
     writer = SummaryWriter(str(out_dir)) if is_main else None
     if is_main:
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
                         if not math.isnan(ap):
                             writer.add_scalar(f"val_AP50/{name}", ap, state["step"])
                     # the same few validation images every evaluation: ground truth | prediction
-                    images, gts, preds = detection_samples(ema.module if ema else raw_model, val_set, device, num_images=cfg.tb_images)
+                    images, gts, preds = detection_samples(sample_model, val_set, device, num_images=cfg.tb_images)
                     log_detections(writer, "val/detections", images, gts, preds, class_names, state["step"])
                 if last_result["map"] > state["best_map"]:
                     state["best_map"] = last_result["map"]

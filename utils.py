@@ -10,6 +10,7 @@ Box conventions (stated once, here):
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -266,9 +267,16 @@ class ModelEMA:
     def __init__(self, source: torch.nn.Module, decay: float, ramp: float = 500.0) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        import copy
         self.source, self.decay, self.ramp, self.updates = source, decay, ramp, 0
         self.module = copy.deepcopy(source).eval().requires_grad_(False)
+        # Matching tensors of the copy and the source, paired once (both walk in the same order). The
+        # pairs stay valid under in-place changes (optimizer steps, load_state_dict); build the
+        # average after the model is on its device and in its memory format.
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
+                         [*source.parameters(), *source.buffers()]))
+        self._floats = ([e for e, _ in pairs if e.is_floating_point()],
+                        [m for e, m in pairs if e.is_floating_point()])
+        self._others = [(e, m) for e, m in pairs if not e.is_floating_point()]
 
     def current_decay(self) -> float:
         return self.decay * (1.0 - math.exp(-self.updates / self.ramp))
@@ -277,15 +285,10 @@ class ModelEMA:
     def update(self) -> None:
         self.updates += 1
         d = self.current_decay()
-        # parameters() and buffers() walk both copies in the same order, far cheaper than state_dict()
-        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
-                         [*self.source.parameters(), *self.source.buffers()]))
-        floats = [(e, m) for e, m in pairs if e.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - d)
-        for e, m in pairs:
-            if not e.is_floating_point():
-                e.copy_(m)
+        if self._floats[0]:
+            torch._foreach_lerp_(*self._floats, 1.0 - d)
+        for e, m in self._others:
+            e.copy_(m)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "ramp": self.ramp}
