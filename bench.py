@@ -65,7 +65,7 @@ from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, col
 from model import Classifier, YoloConfig, YOLOv1, count_params_flops
 from utils import autocast_dtype
 
-SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "infer", "eval", "compile")
+SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
 VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
 IMAGENET_SIZES: tuple[tuple[int, int], ...] = ((500, 400), (500, 375), (400, 500), (500, 333))
 JPEG_QUALITY = 90
@@ -705,6 +705,50 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
         torch.cuda.empty_cache()
 
 
+def part_demo_step(report: Report, cfg: BenchConfig) -> None:
+    """The demo recipe's training step as train_detector.py runs it (``train_step`` plus the weight
+    average's update; DEMO_MODEL at its image size and batch, AMP where the recipe would use it) on
+    a fixed batch, in NCHW and in channels_last, taking turns so both meet the same machine load."""
+    from demo_data import DEMO_CLASSES
+    from loss import YoloLoss
+    from train_detector import RECIPES
+    from utils import ModelEMA, cpu_has_native_bf16, make_optimizer
+    device = torch.device(cfg.device)
+    r = RECIPES["demo"]
+    amp = r["amp"] and (device.type == "cuda" or cpu_has_native_bf16())
+    n, size, C = r["batch_size"], r["image_size"], len(DEMO_CLASSES)
+    mcfg = YoloConfig(C=C, image_size=size, width=r["width"], batch_norm=r["batch_norm"], fc_dim=r["fc_dim"],
+                      dropout=r["dropout"])
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    boxes = torch.tensor([[20.0, 30.0, 120.0, 110.0], [100.0, 90.0, 200.0, 210.0]]) * size / 224
+    target = encode_target(boxes, torch.tensor([0, C - 1]), size, mcfg.S, C).expand(n, -1, -1, -1).contiguous()
+    info = torch.tensor([[i, size, size, 1.2, 0.8] for i in range(n)], dtype=torch.float64)
+    fns = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = YOLOv1(mcfg).to(device)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, r["optimizer"], r["lr"], r["momentum"], r["weight_decay"], device)
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        ema = ModelEMA(model, r["ema_decay"])
+        step = detector_step(model, YoloLoss(C=C), optimizer, scaler, replace(cfg, channels_last=cl, amp=amp), device)
+
+        def one(_i: int, step=step, ema=ema) -> None:
+            step(images, target, info)
+            ema.update()
+        fns["channels_last" if cl else "NCHW"] = (one, max(8, cfg.steps))
+    rates = interleaved_rates(fns, 1, rounds=5)
+    sync(device)
+    how = f"width {r['width']}, {size} px, batch {n}, {'bf16 autocast' if amp else 'fp32'}, fastest of 5 rounds"
+    for name, rate in rates.items():
+        report.add("demo", f"demo recipe train step, {name}", rate * n, "img/s", how,
+                   key=f"demo_step_{name.lower()}_images_per_s")
+    report.add("demo", "channels_last / NCHW", rates["channels_last"] / rates["NCHW"], "x", "",
+               key="demo_step_channels_last_speedup")
+
+
 def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak) -> None:
     from pretrainer import RECIPES
     device = torch.device(cfg.device)
@@ -965,6 +1009,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("peak", "matmul", lambda: part_peak(report, cfg, peak), 60),
         ("train", "detector", lambda: part_train_detector(report, cfg, ws, peak), 180),
         ("train", "classifier", lambda: part_train_classifier(report, cfg, ws, peak), 120),
+        ("demo", "train step", lambda: part_demo_step(report, cfg), 120),
         ("infer", "detector", lambda: part_infer(report, cfg), 120),
         ("eval", "voc_eval", lambda: part_voc_eval(report, cfg), 90),
         ("eval", "annotations", lambda: part_annotations(report, cfg, ws), 120),

@@ -51,8 +51,9 @@ DEMO_MODEL: dict = {"width": 0.0625, "batch_norm": True}
 class YoloConfig:
     """Every size of the network. The defaults are the paper's VOC detector.
 
-    ``width`` multiplies every conv filter count and the 4096-unit FC layer, so that tests and
-    the CPU demo can use a small model with the same topology.
+    ``width`` multiplies every conv filter count and the 4096-unit FC layer (rounded to multiples
+    of 8, see :func:`_ch`), so that tests and the CPU demo can use a small model with the same
+    topology.
     """
     S: int = 7                 # grid size
     B: int = 2                 # boxes per cell
@@ -106,8 +107,21 @@ def _output_init(layer: nn.Linear) -> None:
     nn.init.zeros_(layer.bias)
 
 
+CHANNEL_DIVISOR = 8
+
+
 def _ch(channels: int, width: float) -> int:
-    return max(1, round(channels * width))
+    """``channels * width`` rounded to the nearest multiple of :data:`CHANNEL_DIVISOR` (at least
+    one multiple, and never more than 10% below the exact product), as torchvision's MobileNet
+    ``_make_divisible`` does. Every paper width is a multiple of 8, so width 1 is unchanged.
+
+    Why round at all: at width 0.0625 plain rounding gives the first layer 4 filters, and with so
+    few a whole colour family of the demo data could drop out early in training (one seed of the
+    demo recipe ended at 0.66 mAP with two classes barely learned; with 8 filters three seeds gave
+    0.76-0.78). Multiples of 8 are also what vectorised CPU and tensor-core kernels like best."""
+    d = CHANNEL_DIVISOR
+    c = max(d, int(channels * width + d / 2) // d * d)
+    return c + d if c < 0.9 * channels * width else c
 
 
 class ConvBlock(nn.Sequential):

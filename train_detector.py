@@ -42,12 +42,12 @@ RECIPES = {
                 warmup_epochs=5, warmup_lr=1e-3, lr_steps="75,105", lr_gamma=0.1, image_size=448,
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
                 val_set="2007-test", eval_interval=5, workers=8, dropout=0.5, amp=False, ema_decay=0.0, fc_dim=4096,
-                cache_images=False),
+                cache_images=False, channels_last=False, jitter=0.2, hsv=1.5),
     "demo": dict(epochs=85, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
                  warmup_epochs=2, warmup_lr=1e-4, lr_steps="68,79", lr_gamma=0.1, image_size=224, dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
                  val_set="2007-test", eval_interval=17, workers=0, amp=True, ema_decay=0.995, fc_dim=8192,
-                 cache_images=True),
+                 cache_images=True, channels_last=True, jitter=0.1, hsv=1.25),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
 
@@ -61,6 +61,8 @@ class TrainConfig:
     keep_difficult: bool = False
     cache_images: bool | None = None
     augment: bool = True
+    jitter: float = -1.0
+    hsv: float = 0.0
     epochs: int = 0
     batch_size: int = 0          # global, over all processes
     lr: float = 0.0              # peak LR for the global batch size
@@ -91,7 +93,7 @@ class TrainConfig:
     amp: bool | None = None
     ema_decay: float = -1.0
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool | None = None
     seed: int = 0
     deterministic: bool = False
     eval_interval: int = 0
@@ -117,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help=f"keep decoded training images in memory after the first epoch (with --workers 0) {r}")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="turn off the paper's augmentation (scale/translate, exposure/saturation, flip)")
+    p.add_argument("--jitter", type=float, default=-1.0,
+                   help=f"random scale and translation of up to this fraction of the image size (paper: 0.2) {r}")
+    p.add_argument("--hsv", type=float, default=0.0,
+                   help=f"random exposure and saturation factors in [1/hsv, hsv] (paper: 1.5) {r}")
     p.add_argument("--epochs", type=int, default=0, help=f"epochs {r}")
     p.add_argument("--batch-size", type=int, default=0, help=f"global batch size over all processes {r}")
     p.add_argument("--lr", type=float, default=0.0, help=f"peak learning rate {r}")
@@ -150,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--ema-decay", type=float, default=-1.0,
                    help=f"evaluate and save an exponential moving average of the weights with this decay (0: off) {r}")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"channels_last memory format (faster on GPUs, and for the demo model on a CPU) {r}")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")
     p.add_argument("--eval-interval", type=int, default=0, help=f"evaluate mAP every N epochs (and at the end) {r}")
@@ -170,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**args)
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         p.error("--batch-size, --epochs and --lr must be positive")
+    if not (0 <= cfg.jitter < 1 and cfg.hsv >= 1):
+        p.error(f"--jitter must be in [0, 1) and --hsv at least 1, got {cfg.jitter} and {cfg.hsv}")
     return cfg
 
 
@@ -335,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
                            batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout)
     train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
-                             keep_difficult=cfg.keep_difficult, seed=cfg.seed, cache_images=cfg.cache_images)
+                             keep_difficult=cfg.keep_difficult, jitter=cfg.jitter, hsv=cfg.hsv, seed=cfg.seed,
+                             cache_images=cfg.cache_images)
     val_set = VOCDetection(data_root, cfg.val_set, class_names, cfg.image_size, cfg.S, train=False)
     # Data problems: annotation and list problems were collected while indexing; images are checked
     # here by header (--check-data decodes every one). All are reported, none stops training.

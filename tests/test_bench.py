@@ -30,23 +30,26 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert doc["complete"] is True
     errors = [r for r in doc["rows"] if r["variant"].endswith(": error") or r["variant"].endswith(": skipped")]
     assert not errors, errors
-    assert doc["sections"] == ["pipeline", "peak", "train", "infer", "eval"]      # compile only when asked
+    assert doc["sections"] == ["pipeline", "peak", "train", "demo", "infer", "eval"]   # compile only when asked
     res = doc["results"]
     for key in ("pipeline_speedup", "pipeline_speedup_worker", "classifier_pipeline_speedup", "peak_tflops",
                 "train_detector_device_images_per_s", "train_detector_e2e_images_per_s",
                 "train_detector_device_mfu_percent", "train_classifier_e2e_images_per_s",
                 "infer_fp32_batch1_images_per_s", "infer_bf16_batch_images_per_s", "decode_nms_ms_per_image",
-                "voc_eval_seconds", "annotation_loading_warm_seconds"):
+                "voc_eval_seconds", "annotation_loading_warm_seconds", "demo_step_nchw_images_per_s",
+                "demo_step_channels_last_images_per_s"):
         assert res[key] is not None and res[key] > 0, key
     assert doc["pipeline_speedup"] == res["pipeline_speedup"] and doc["voc_eval_seconds"] == res["voc_eval_seconds"]
     # the speedup is the ratio of the two rates it is printed beside
     assert res["pipeline_speedup"] == pytest.approx(res["pipeline_detector_ours_per_core"]
                                                     / res["pipeline_detector_baseline_per_core"])
+    assert res["demo_step_channels_last_speedup"] == pytest.approx(res["demo_step_channels_last_images_per_s"]
+                                                                   / res["demo_step_nchw_images_per_s"])
     # MFU is achieved FLOP/s over the measured peak, achieved = images/s x 3 x forward FLOPs
     assert res["train_detector_device_mfu_percent"] == pytest.approx(
         100 * res["train_detector_device_tflops"] / res["peak_tflops"])
     assert doc["machine"]["device"] == "cpu" and doc["config"]["det_size"] == 64
-    for section in ("pipeline", "peak", "train", "infer", "eval", "total"):   # the printed table
+    for section in ("pipeline", "peak", "train", "demo", "infer", "eval", "total"):   # the printed table
         assert f"\n{section:<9} | " in proc.stdout
     print(f"smoke run: {elapsed:.1f} s")
 
@@ -99,7 +102,7 @@ def test_training_rows_arithmetic(tmp_path):
 
 
 def test_sections_flag():
-    assert bench.parse_args([]).sections == ["pipeline", "peak", "train", "infer", "eval"]
+    assert bench.parse_args([]).sections == ["pipeline", "peak", "train", "demo", "infer", "eval"]
     assert bench.parse_args(["--compile"]).sections[-1] == "compile"
     assert bench.parse_args(["--only", "eval, pipeline"]).sections == ["eval", "pipeline"]
     with pytest.raises(SystemExit):

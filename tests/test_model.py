@@ -29,8 +29,22 @@ def test_fast_yolo_has_nine_convs():
     model = YOLOv1(YoloConfig(variant="fast", width=0.25))
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 9
-    assert [c.out_channels for c in convs] == [4, 8, 16, 32, 64, 128, 256, 256, 256]
+    # 16..1024 x 0.25, each rounded to a multiple of 8 (at least 8): the first 4 becomes 8
+    assert [c.out_channels for c in convs] == [8, 8, 16, 32, 64, 128, 256, 256, 256]
     assert model(torch.randn(1, 3, 448, 448)).shape == (1, 7, 7, 30)
+
+
+def test_width_rounds_channels_to_multiples_of_eight():
+    # Paper widths (all multiples of 8) are unchanged at width 1; at the demo's 1/16 the paper's
+    # 64, 192, 128, 256, 256, 512 give 4, 12, 8, 16, 16, 32, rounded to 8, 16, 8, 16, 16, 32.
+    demo = YOLOv1(YoloConfig(width=0.0625, C=5, image_size=224))
+    convs = [m.out_channels for m in demo.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[:6] == [8, 16, 8, 16, 16, 32]
+    assert convs[-4:] == [64] * 4 and demo.head.fc1.out_features == 4096 // 16
+    assert all(c % 8 == 0 for c in convs)
+    # never more than 10% below the exact product: 1024 x 0.0264 = 27.0 -> 32, not 24
+    odd = YOLOv1(YoloConfig(width=0.0264, C=5, image_size=224))
+    assert odd.backbone.layers.conv20.conv.out_channels == 32
 
 
 def test_first_conv_flops_by_hand():

@@ -225,3 +225,25 @@ def test_amp_falls_back_to_float32_on_a_cpu_without_bf16(tmp_path, monkeypatch, 
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["amp"] is False
     cfg = train_detector.parse_args(["--data", "demo", "--no-amp"])
     assert cfg.amp is False and train_detector.parse_args(["--data", "voc"]).amp is False
+
+
+def test_augmentation_strength_and_memory_format_come_from_the_recipe(tmp_path, monkeypatch):
+    voc, demo = train_detector.parse_args(["--data", "voc"]), train_detector.parse_args(["--data", "demo"])
+    assert (voc.jitter, voc.hsv, voc.channels_last) == (0.2, 1.5, False)        # the paper's augmentation
+    assert (demo.jitter, demo.hsv, demo.channels_last) == (0.1, 1.25, True)
+    mine = train_detector.parse_args(["--data", "demo", "--jitter", "0.3", "--hsv", "2", "--no-channels-last"])
+    assert (mine.jitter, mine.hsv, mine.channels_last) == (0.3, 2.0, False)
+    for bad in (["--jitter", "1.5"], ["--jitter", "-0.1"], ["--hsv", "0.5"]):
+        with pytest.raises(SystemExit):
+            train_detector.parse_args(["--data", "demo", *bad])
+    # ... and the training set is built with them
+    seen = []
+
+    class Recording(train_detector.VOCDetection):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append((self.train, self.jitter, self.hsv))
+    monkeypatch.setattr(train_detector, "VOCDetection", Recording)
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    run(["--data-root", str(root), "--epochs", "1", "--jitter", "0.05", "--hsv", "1.1", "--out-dir", str(tmp_path / "r")])
+    assert (True, 0.05, 1.1) in seen
