@@ -391,13 +391,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step / steps_per_epoch, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
-    # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py.
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     # ---- resume
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0,
              "skipped_images": 0}
     resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    ema_state = None
     if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
         ckpt = load_checkpoint(resume_path)
         check_config_compatible(ckpt["model_config"], model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
@@ -407,14 +406,16 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        if ema and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-        elif ema:   # the run had no average so far: start it from the resumed weights
-            ema = ModelEMA(model, cfg.ema_decay)
+        ema_state = ckpt.get("ema")
         state.update(ckpt["state"])
         set_rng_state(ckpt["rng"])
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
+    # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py;
+    # built from the (resumed) weights, then given the checkpoint's average when it has one.
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema and ema_state:
+        ema.load_state_dict(ema_state)
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
