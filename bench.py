@@ -3,7 +3,7 @@
     python bench.py                                   # whatever device it finds; ~1 minute on a CPU
     python bench.py --json runs/bench.json            # also write the table as JSON (incrementally)
     python bench.py --compile                         # add torch.compile rows (1-3 minutes of compiling)
-    python bench.py --only pipeline,eval              # a subset of: pipeline, peak, train, infer, eval, compile
+    python bench.py --only pipeline,eval              # a subset of: pipeline, peak, train, demo, infer, eval, compile
     python bench.py --smoke                           # tiny sizes, ~30 s: what CI runs
 
 Sections, each printed as soon as it is measured (one row per number):
@@ -24,6 +24,9 @@ Sections, each printed as soon as it is measured (one row per number):
   end to end from a DataLoader; the step is train_detector.py's / pretrainer.py's (colour
   augmentation on the device, bf16 autocast, channels_last, fused optimizer, the script's
   per-step finite-loss check).
+* ``demo``: images/s of the demo recipe's training step (its small model, 224 px, batch 16, with
+  the weight average's update) in NCHW, in channels_last everywhere, and in channels_last with the
+  narrow stem left NCHW (``utils.to_channels_last``, what ``--channels-last`` does).
 * ``infer``: detector images/s at batch 1 (the paper's FPS) and batch 64, eager fp32, eager bf16,
   bf16 weights, and replayed as a CUDA graph; decode + NMS milliseconds per image.
 * ``eval``: seconds to score a 5,000-image VOC split (voc_eval.bench) and to load its annotations
@@ -63,7 +66,7 @@ from torch import Tensor
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
 from model import Classifier, YoloConfig, YOLOv1, count_params_flops
-from utils import autocast_dtype, make_optimizer
+from utils import autocast_dtype, make_optimizer, to_channels_last
 
 SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
 VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
@@ -570,15 +573,13 @@ def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device:
     from types import SimpleNamespace
     from train_detector import train_step
     amp_dtype = autocast_dtype(device)
-    step_cfg = SimpleNamespace(channels_last=cfg.channels_last, amp=cfg.amp, clip_grad=0.0)
+    step_cfg = SimpleNamespace(amp=cfg.amp, clip_grad=0.0)
 
     def step(images: Tensor, target: Tensor, info: Tensor) -> None:
         if host_reads:
             train_step(model, criterion, optimizer, scaler, (images, target, info), step_cfg, device, amp_dtype)
             return
         x = color_normalize(images.to(device, non_blocking=True), info[:, 3].to(device), info[:, 4].to(device), MEAN, STD)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
             out = model(x)
         terms = criterion(out.float(), target.to(device, non_blocking=True))
@@ -598,8 +599,7 @@ def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.de
     bn_buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for b in m.buffers()]
     backup = [b.clone() for b in bn_buffers]
-    step_cfg = SimpleNamespace(color_jitter=0.0, mean=MEAN, std=STD, channels_last=cfg.channels_last, amp=cfg.amp,
-                               clip_grad=0.0)
+    step_cfg = SimpleNamespace(color_jitter=0.0, mean=MEAN, std=STD, amp=cfg.amp, clip_grad=0.0)
 
     def step(images: Tensor, labels: Tensor, info: Tensor) -> None:
         train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device, amp_dtype, params,
@@ -653,7 +653,7 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
     mcfg = YoloConfig(image_size=cfg.det_size, width=cfg.det_width)
     model = YOLOv1(mcfg).to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     _, flops = count_params_flops(model, cfg.det_size)
     optimizer = _optimizer(model, RECIPES["voc"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
@@ -701,7 +701,9 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
 def part_demo_step(report: Report, cfg: BenchConfig) -> None:
     """The demo recipe's training step as train_detector.py runs it (``train_step`` plus the weight
     average's update; DEMO_MODEL at its image size and batch, AMP where the recipe would use it) on
-    a fixed batch, in NCHW and in channels_last, taking turns so both meet the same machine load."""
+    a fixed batch, taking turns so that all meet the same machine load, in three memory formats: NCHW,
+    channels_last everywhere, and channels_last with the narrow stem left NCHW (``utils.to_channels_last``,
+    what the scripts do with --channels-last)."""
     from demo_data import DEMO_CLASSES
     from loss import YoloLoss
     from train_detector import RECIPES
@@ -717,29 +719,32 @@ def part_demo_step(report: Report, cfg: BenchConfig) -> None:
     boxes = torch.tensor([[20.0, 30.0, 120.0, 110.0], [100.0, 90.0, 200.0, 210.0]]) * size / 224
     target = encode_target(boxes, torch.tensor([0, C - 1]), size, mcfg.S, C).expand(n, -1, -1, -1).contiguous()
     info = torch.tensor([[i, size, size, 1.2, 0.8] for i in range(n)], dtype=torch.float64)
+    formats = {"nchw": ("NCHW", lambda m: m),
+               "channels_last_all": ("channels_last everywhere", lambda m: m.to(memory_format=torch.channels_last)),
+               "channels_last": ("channels_last, NCHW stem", to_channels_last)}
     fns = {}
-    for cl in (False, True):
+    for key, (_, convert) in formats.items():
         torch.manual_seed(0)
-        model = YOLOv1(mcfg).to(device)
-        if cl:
-            model = model.to(memory_format=torch.channels_last)
+        model = convert(YOLOv1(mcfg).to(device))
         optimizer = _optimizer(model, r, device)
         scaler = torch.amp.GradScaler(device.type, enabled=False)
         ema = ModelEMA(model, r["ema_decay"])
-        step = detector_step(model, YoloLoss(C=C), optimizer, scaler, replace(cfg, channels_last=cl, amp=amp), device)
+        step = detector_step(model, YoloLoss(C=C), optimizer, scaler, replace(cfg, amp=amp), device)
 
         def one(_i: int, step=step, ema=ema) -> None:
             step(images, target, info)
             ema.update()
-        fns["channels_last" if cl else "NCHW"] = (one, max(8, cfg.steps))
+        fns[key] = (one, max(8, cfg.steps))
     rounds = 5
     rates = interleaved_rates(fns, 1, rounds)   # each step reads its loss on the host: no sync needed
     how = f"width {r['width']}, {size} px, batch {n}, {'bf16 autocast' if amp else 'fp32'}, fastest of {rounds} rounds"
-    for name, rate in rates.items():
-        report.add("demo", f"demo recipe train step, {name}", rate * n, "img/s", how,
-                   key=f"demo_step_{name.lower()}_images_per_s")
-    report.add("demo", "channels_last / NCHW", rates["channels_last"] / rates["NCHW"], "x", "",
+    for key, rate in rates.items():
+        report.add("demo", f"demo recipe train step, {formats[key][0]}", rate * n, "img/s", how,
+                   key=f"demo_step_{key}_images_per_s")
+    report.add("demo", "--channels-last / NCHW", rates["channels_last"] / rates["nchw"], "x", "",
                key="demo_step_channels_last_speedup")
+    report.add("demo", "--channels-last / channels_last everywhere", rates["channels_last"] / rates["channels_last_all"],
+               "x", "what leaving the 8-filter stem in NCHW gains", key="demo_step_nchw_stem_speedup")
 
 
 def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak) -> None:
@@ -748,7 +753,7 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
     recipe = RECIPES["imagenet"]
     model = Classifier(YoloConfig(width=cfg.cls_width), num_classes=1000).to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     _, flops = count_params_flops(model, cfg.cls_size)
     optimizer = _optimizer(model, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
@@ -866,9 +871,8 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
 
     add("detector infer batch 1, fp32 eager", rate(lambda: model(x1), 1, cfg.infer_iters),
         f"{size}; forward only{' (tf32 on)' if device.type == 'cuda' else ''}", "infer_fp32_batch1_images_per_s")
-    model = model.to(memory_format=cl)
-    x1c, xbc = x1.contiguous(memory_format=cl), xb.contiguous(memory_format=cl)
-    add("detector infer batch 1, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, x1c), 1,
+    to_channels_last(model)   # NCHW images, as utils.predict feeds them
+    add("detector infer batch 1, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, x1), 1,
         cfg.infer_iters), "as utils.predict with --amp --channels-last", "infer_autocast_batch1_images_per_s")
     add("detector infer batch 1, bf16 weights channels_last", rate(lambda: half(x1h), 1, cfg.infer_iters),
         "model.to(bfloat16)", "infer_bf16_batch1_images_per_s")
@@ -876,7 +880,7 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
         run = cuda_graph_forward(half, x1h)
         add("detector infer batch 1, bf16 CUDA graph", rate(lambda: run(x1h), 1, cfg.infer_iters),
             "bf16 weights, one torch.cuda.CUDAGraph replay per image", "infer_cudagraph_batch1_images_per_s")
-    add(f"detector infer batch {nb}, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, xbc), nb, iters_b),
+    add(f"detector infer batch {nb}, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, xb), nb, iters_b),
         size, "infer_autocast_batch_images_per_s")
     add(f"detector infer batch {nb}, bf16 weights channels_last", rate(lambda: half(xbh), nb, iters_b), size,
         "infer_bf16_batch_images_per_s")

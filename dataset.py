@@ -2,7 +2,7 @@
 
 Conventions: boxes inside this module are ``xyxy`` in continuous 0-based pixels (see utils.py);
 VOC's 1-based inclusive corners are converted once, in :func:`parse_voc_xml`'s consumer
-:meth:`VOCDetection._boxes_px`. Grid indexing is ``(row, col)`` = ``(y cell, x cell)``.
+:meth:`VOCDetection.boxes_px`. Grid indexing is ``(row, col)`` = ``(y cell, x cell)``.
 """
 from __future__ import annotations
 
@@ -202,18 +202,21 @@ def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip
     return out.flip(-1) if flip else out
 
 
-def warp_boxes(boxes: Tensor, window: tuple[int, int, int, int], size: int, flip: bool,
-               min_size: float = 1.0) -> tuple[Tensor, Tensor]:
+def warp_boxes(boxes: Tensor | np.ndarray, window: tuple[int, int, int, int], size: int, flip: bool,
+               min_size: float = 1.0) -> tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray]:
     """Map pixel ``xyxy`` boxes ``(M, 4)`` through :func:`warp_image`'s geometry, clip them to the
     output and drop those narrower or lower than ``min_size`` output pixels. Returns the boxes
-    and the boolean keep mask over the input boxes."""
+    and the boolean keep mask over the input boxes, as tensors or arrays like ``boxes``."""
+    # NumPy inside: a handful of boxes per image, where each torch call costs more than its work.
+    b = boxes.numpy() if isinstance(boxes, Tensor) else boxes
     left, top, w, h = window
-    scale = boxes.new_tensor([size / w, size / h, size / w, size / h])
-    out = (boxes - boxes.new_tensor([left, top, left, top])) * scale
-    out = out.clamp(0, size)
+    out = (b - np.array([left, top, left, top], b.dtype)) * np.array([size / w, size / h] * 2, b.dtype)
+    out = out.clip(0, size)
     if flip:
-        out = torch.stack([size - out[:, 2], out[:, 1], size - out[:, 0], out[:, 3]], 1)
+        out = np.stack([size - out[:, 2], out[:, 1], size - out[:, 0], out[:, 3]], 1)
     keep = ((out[:, 2] - out[:, 0]) >= min_size) & ((out[:, 3] - out[:, 1]) >= min_size)
+    if isinstance(boxes, Tensor):
+        return torch.from_numpy(out[keep]), torch.from_numpy(keep)
     return out[keep], keep
 
 
@@ -247,7 +250,7 @@ def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: 
 
 # ----------------------------------------------------------------------------- grid targets
 
-def encode_target(boxes: Tensor, labels: Tensor, image_size: int, S: int, C: int) -> Tensor:
+def encode_target(boxes: Tensor | np.ndarray, labels: Tensor | np.ndarray, image_size: int, S: int, C: int) -> Tensor:
     """Pixel ``xyxy`` boxes ``(M, 4)`` on a ``image_size`` square image -> ``(S, S, 5 + C)`` target.
 
     Each object goes to the cell ``(row, col)`` holding its centre; per cell
@@ -258,14 +261,14 @@ def encode_target(boxes: Tensor, labels: Tensor, image_size: int, S: int, C: int
     # NumPy, not torch: a handful of objects per image, where a torch call costs more than its work.
     target = np.zeros((S, S, 5 + C), np.float32)
     if len(boxes):
-        b = boxes.detach().cpu().numpy().astype(np.float64)
+        b = np.asarray(boxes.detach().cpu() if isinstance(boxes, Tensor) else boxes, np.float64)
         cx = (b[:, 0] + b[:, 2]) * S / (2 * image_size)     # centre in cell units; exact on cell borders
         cy = (b[:, 1] + b[:, 3]) * S / (2 * image_size)
         wh = (b[:, 2:] - b[:, :2]) / image_size
         col = np.clip(np.floor(cx), 0, S - 1).astype(np.int64)
         row = np.clip(np.floor(cy), 0, S - 1).astype(np.int64)
         order = np.argsort(-(wh[:, 0] * wh[:, 1]), kind="stable")   # largest first, ties in listed order
-        lab = labels.detach().cpu().numpy()
+        lab = np.asarray(labels.detach().cpu() if isinstance(labels, Tensor) else labels)
         for i in order[::-1]:                                      # written last = kept
             r, c = row[i], col[i]
             target[r, c] = 0
@@ -387,10 +390,12 @@ class VOCDetection(Dataset):
         return {ann.image_id: GroundTruth(ann.boxes, ann.labels, ann.difficult) for _, ann in self.items}
 
     @staticmethod
-    def boxes_px(ann: Annotation) -> Tensor:
-        """VOC 1-based inclusive corners -> 0-based continuous pixel ``xyxy`` (the one conversion)."""
-        b = torch.from_numpy(ann.boxes).float()
-        return torch.stack([b[:, 0] - 1, b[:, 1] - 1, b[:, 2], b[:, 3]], 1)
+    def boxes_px(ann: Annotation, as_array: bool = False) -> Tensor | np.ndarray:
+        """VOC 1-based inclusive corners -> 0-based continuous pixel ``xyxy`` float32 (the one
+        conversion), as a tensor or, with ``as_array``, a NumPy array."""
+        b = ann.boxes.astype(np.float32)
+        b[:, :2] -= 1
+        return b if as_array else torch.from_numpy(b)
 
     def check_images(self, decode: bool = True, progress: bool = False) -> list[tuple[str, str]]:
         """Open every image (``decode=False``: headers only, fast) and return ``(file, reason)`` for
@@ -425,9 +430,8 @@ class VOCDetection(Dataset):
                 self.cache[index] = image
         H, W = image.shape[-2:]
         keep = np.ones(len(ann.labels), bool) if self.keep_difficult else ~ann.difficult
-        boxes = self.boxes_px(ann)[torch.from_numpy(keep)]
-        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([W, H, W, H], dtype=boxes.dtype))
-        labels = torch.from_numpy(ann.labels[keep])
+        boxes = self.boxes_px(ann, as_array=True)[keep].clip(0, np.array([W, H, W, H], np.float32))
+        labels = ann.labels[keep]
         p = AugmentParams()
         if self.train:
             p = AugmentParams.sample(np.random.default_rng([self.seed, self.epoch, index]), self.jitter, self.hsv)

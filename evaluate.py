@@ -34,7 +34,7 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import ShardSampler, cleanup_distributed, load_checkpoint, predict, setup_distributed
+from utils import ShardSampler, cleanup_distributed, load_checkpoint, predict, setup_distributed, to_channels_last
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, cfg, ckpt = load_model(args.checkpoint, class_names, args.data)
     model = model.to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
 
     # ---- data: the same dataset and ground truth as train_detector.evaluate
     t0 = time.perf_counter()
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- predict (gathered from every process), score
     t0 = time.perf_counter()
     preds = predict(model, loader, cfg.B, cfg.C, device, args.amp, args.conf_threshold, args.nms_iou, max_det,
-                    args.channels_last, progress=args.progress)
+                    progress=args.progress)
     t_pred = time.perf_counter() - t0
     named = [(ds.annotation(i).image_id, b, s, lab) for i, b, s, lab in preds]
     dets = detections_from_pixels(named, cfg.C)

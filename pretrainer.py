@@ -48,7 +48,7 @@ from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
                    check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
                    print_problems, save_checkpoint,
-                   seed_everything, set_rng_state, setup_distributed)
+                   seed_everything, set_rng_state, setup_distributed, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -249,8 +249,6 @@ def train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params: 
         x = color_normalize(images, info[:, 1], info[:, 2], cfg.mean, cfg.std)
     else:
         x = color_normalize(images, mean=cfg.mean, std=cfg.std)
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     for saved, b in zip(backup, bn_buffers):
         saved.copy_(b)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
@@ -372,8 +370,6 @@ def validate(model, loader, cfg: PretrainConfig, device, num_classes: int) -> di
         images, labels, _ = batch
         labels = labels.to(device, non_blocking=True)
         x = color_normalize(images.to(device, non_blocking=True), mean=cfg.mean, std=cfg.std)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=cfg.amp):
             logits = model(x)
         logits = logits.float()
@@ -468,7 +464,7 @@ def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.devic
     model = Classifier(YoloConfig(**ckpt["model_config"]), len(data.class_names)).to(device)
     model.load_state_dict(ckpt["model"])
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)   # the images stay NCHW (see to_channels_last)
     per_proc = cfg.batch_size // world
     loader = DataLoader(data.val, per_proc, sampler=ShardSampler(len(data.val), rank, world),
                         num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none)
@@ -552,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
                            batch_norm=cfg.batch_norm, width=cfg.width)
     model = Classifier(model_cfg, len(class_names)).to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)   # the images stay NCHW (see to_channels_last)
     params, flops = count_params_flops(model, cfg.image_size)
     if is_main:
         print(f"model: {model_cfg} | {params / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOPs/image | device {device}"

@@ -33,7 +33,7 @@ from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backb
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16, format_loss,
                    load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, setup_distributed)
+                   seed_everything, set_rng_state, setup_distributed, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -204,8 +204,6 @@ def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, dev
     images = images.to(device, non_blocking=True)
     target = target.to(device, non_blocking=True)
     x = color_normalize(images, info[:, 3].to(device), info[:, 4].to(device), MEAN, STD)  # colour aug on the device
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     buffers = [b.clone() for b in model.buffers()]
     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
         out = model(x)
@@ -292,7 +290,7 @@ def evaluate(model, loader, dataset: VOCDetection, cfg: TrainConfig, model_cfg: 
     Always in float32 (TF32 on GPUs), also under --amp: the mAP printed is the one evaluate.py
     reports for the checkpoint with its default flags (bf16 boxes cost the demo about 0.005 mAP)."""
     preds = predict(model, loader, model_cfg.B, model_cfg.C, device, False, cfg.conf_threshold, cfg.nms_iou,
-                    cfg.max_det, cfg.channels_last)
+                    cfg.max_det)
     named = [(dataset.annotation(i).image_id, b, s, l) for i, b, s, l in preds]
     return evaluate_detections(detections_from_pixels(named, model_cfg.C), dataset.ground_truth(),
                                dataset.class_names, use_07_metric=True)
@@ -380,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
         if is_main:
             print(f"backbone initialised from {cfg.backbone}")
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)   # the images stay NCHW (see to_channels_last)
     params, flops = count_params_flops(model, cfg.image_size)
     if is_main:
         print(f"model: {model_cfg} | {params / 1e6:.2f}M params, {flops / 1e9:.2f} GFLOPs/image")

@@ -90,8 +90,7 @@ def decode_predictions(out: Tensor, B: int, C: int, image_sizes: Tensor, conf_th
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, B: int, C: int, device: torch.device, amp: bool = False,
-            conf_threshold: float = 0.001, nms_iou: float = 0.5, max_det: int = 300, channels_last: bool = False,
-            progress: bool = True) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+            conf_threshold: float = 0.001, nms_iou: float = 0.5, max_det: int = 300, progress: bool = True) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Run a detector over a loader of ``(uint8 images, target, info)`` batches (dataset.py) and
     decode. Returns ``[(dataset index, boxes px xyxy (K, 4), scores (K,), labels (K,))]`` sorted by
     index, gathered from every process: with a :class:`ShardSampler` each image appears once."""
@@ -105,8 +104,6 @@ def predict(model: torch.nn.Module, loader, B: int, C: int, device: torch.device
             continue
         images, _, info = batch
         x = color_normalize(images.to(device, non_blocking=True), mean=MEAN, std=STD)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
             out = model(x)
         results = decode_predictions(out.float(), B, C, info[:, 1:3].to(device), conf_threshold, nms_iou, max_det)
@@ -251,6 +248,27 @@ def cpu_has_native_bf16() -> bool:
     training faster; elsewhere it is emulated and slower than float32."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def to_channels_last(model: torch.nn.Module, min_channels: int = 16) -> torch.nn.Module:
+    """Put ``model``'s parameters and buffers in channels_last memory format (faster convolutions
+    with cuDNN and oneDNN), except a narrow stem: the leading convolutions with fewer than
+    ``min_channels`` filters keep NCHW weights. Feed the model NCHW images: a convolution's
+    output is channels_last when its input or its weight is, so the stem's activations stay
+    NCHW and the first wide convolution turns them into channels_last.
+
+    Why the stem: BatchNorm's channels_last kernels vectorise over channels, and with fewer
+    channels than a SIMD vector holds they crawl. On the 2-core dev CPU the backward pass of a
+    bf16 (16, 8, 112, 112) BatchNorm takes 13 ms in channels_last and 1.7 ms in NCHW, which made
+    the demo model's training step about 15% slower (bench.py's ``demo`` section). Models whose
+    first convolution is wide (the paper's 64 filters) are converted whole."""
+    model.to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            if m.out_channels >= min_channels:
+                break
+            m.weight.data = m.weight.data.contiguous()
+    return model
 
 
 class ModelEMA:

@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from utils import ModelEMA
+from model import YoloConfig, YOLOv1
+from utils import ModelEMA, to_channels_last
 
 
 def test_model_ema_follows_the_ramped_average():
@@ -41,3 +42,39 @@ def test_model_ema_rejects_bad_decay():
             assert "decay" in str(e)
         else:
             raise AssertionError(f"decay {bad} accepted")
+
+
+def _layouts(model, x):
+    """(is NCHW-contiguous, is channels_last) of every conv block's output on input ``x``."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((o.is_contiguous(),
+                                                                   o.is_contiguous(memory_format=torch.channels_last))))
+             for name, m in model.backbone.layers.named_children() if name.startswith("conv")]
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def test_to_channels_last_keeps_a_narrow_stem_nchw_and_the_outputs_equal():
+    torch.manual_seed(0)
+    cfg = YoloConfig(C=5, image_size=64, width=0.0625, batch_norm=True, fc_dim=1024, dropout=0.0)
+    ref = YOLOv1(cfg).eval()
+    model = YOLOv1(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    assert to_channels_last(model) is model
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].out_channels == 8 and convs[1].out_channels == 16          # demo widths (model._ch)
+    assert convs[0].weight.is_contiguous()                                      # the 8-filter stem: NCHW
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs[1:])
+    assert not convs[1].weight.is_contiguous()                                  # 3x3: really converted
+    x = torch.randn(2, 3, 64, 64)
+    out, seen = _layouts(model, x)
+    assert seen[0] == (True, False)                          # stem activations NCHW (fed NCHW images)
+    assert all(cl and not nchw for nchw, cl in seen[1:])     # channels_last from the first wide conv on
+    torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-5)
+    # a wide first conv (the paper's 64 filters at width 0.25) converts the whole model
+    wide = to_channels_last(YOLOv1(YoloConfig(C=5, image_size=64, width=0.25, fc_dim=256)))
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in wide.modules()
+               if isinstance(m, torch.nn.Conv2d))
