@@ -66,7 +66,7 @@ from torch import Tensor
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
 from model import Classifier, YoloConfig, YOLOv1, count_params_flops
-from utils import autocast_dtype, make_optimizer, to_channels_last
+from utils import autocast_dtype, make_optimizer, reuse_freed_memory, to_channels_last
 
 SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
 VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
@@ -987,6 +987,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        reuse_freed_memory()   # as the training scripts do on a CPU
     cfg = bench_config(device, args.smoke)
     overrides = {"workers": args.workers if args.workers >= 0 else None, "det_batch": args.det_batch or None,
                  "cls_batch": args.cls_batch or None, "det_width": args.width or None, "cls_width": args.width or None,

@@ -33,7 +33,8 @@ from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backb
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16, format_loss,
                    load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, setup_distributed, to_channels_last)
+                   reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
+                   to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed + rank, cfg.deterministic)
     if device.type == "cpu":   # compute threads + loader processes = cores: oversubscription stalls both
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world - max(cfg.workers, 0)))
+        reuse_freed_memory()   # no page faults on every step's activations (glibc)
     if cfg.amp and device.type == "cpu" and not cpu_has_native_bf16():
         cfg.amp = False   # emulated bf16 is slower than float32
         if is_main:

@@ -1,5 +1,7 @@
 import math
+from pathlib import Path
 
+import pytest
 import torch
 
 from model import YoloConfig, YOLOv1
@@ -78,3 +80,40 @@ def test_to_channels_last_keeps_a_narrow_stem_nchw_and_the_outputs_equal():
     wide = to_channels_last(YOLOv1(YoloConfig(C=5, image_size=64, width=0.25, fc_dim=256)))
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in wide.modules()
                if isinstance(m, torch.nn.Conv2d))
+
+
+def test_reuse_freed_memory_keeps_large_blocks_in_the_heap():
+    """In a fresh process, a 4 MB tensor (above glibc's initial 128 KB mmap threshold) gets its own
+    mmapped block by default, and none after reuse_freed_memory()."""
+    import platform
+    import subprocess
+    import sys
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        from utils import reuse_freed_memory
+        assert reuse_freed_memory() is False
+        return
+    probe = """
+import ctypes, sys, torch
+from utils import reuse_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+info = getattr(ctypes.CDLL(None), "mallinfo2", None)
+if info is None:
+    print("no-mallinfo2")     # glibc before 2.33
+    sys.exit()
+info.restype = MallInfo2
+if sys.argv[1] == "on":
+    assert reuse_freed_memory() is True
+before = info().hblks
+x = torch.empty(1 << 20)
+print(info().hblks - before)
+"""
+    def new_mmapped_blocks(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
+                             cwd=str(Path(__file__).resolve().parents[1]))
+        if "no-mallinfo2" in out.stdout:
+            pytest.skip("this glibc has no mallinfo2 to count mmapped blocks")
+        return int(out.stdout.split()[-1])
+    assert new_mmapped_blocks("off") == 1
+    assert new_mmapped_blocks("on") == 0
