@@ -40,12 +40,13 @@ from voc_eval import detections_from_pixels, evaluate_detections, format_table
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
 RECIPES = {
     "voc": dict(epochs=135, batch_size=64, lr=1e-2, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
-                warmup_epochs=5, warmup_lr=1e-3, lr_steps="75,105", lr_gamma=0.1, image_size=448,
+                warmup_epochs=5, warmup_lr=1e-3, lr_schedule="step", lr_steps="75,105", lr_gamma=0.1, image_size=448,
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
                 val_set="2007-test", eval_interval=5, workers=8, dropout=0.5, amp=False, ema_decay=0.0, fc_dim=4096,
                 cache_images=False, channels_last=False, jitter=0.2, hsv=1.5),
     "demo": dict(epochs=85, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
-                 warmup_epochs=2, warmup_lr=1e-4, lr_steps="68,79", lr_gamma=0.1, image_size=224, dropout=0.0,
+                 warmup_epochs=2, warmup_lr=1e-4, lr_schedule="step", lr_steps="68,79", lr_gamma=0.1, image_size=224,
+                 dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
                  val_set="2007-test", eval_interval=17, workers=0, amp=True, ema_decay=0.995, fc_dim=8192,
                  cache_images=True, channels_last=True, jitter=0.1, hsv=1.25),
@@ -72,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
     warmup_lr: float = 0.0
+    lr_schedule: str = ""
     lr_steps: str = ""
     lr_gamma: float = 0.0
     lambda_coord: float = 5.0
@@ -132,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--weight-decay", type=float, default=0.0, help=f"weight decay {r}")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help=f"epochs of linear LR warm-up from --warmup-lr {r}")
     p.add_argument("--warmup-lr", type=float, default=0.0, help=f"LR at the start of warm-up {r}")
+    p.add_argument("--lr-schedule", choices=["step", "linear", "cosine"], default=None,
+                   help=f"after warm-up: step (x --lr-gamma at --lr-steps), or a linear or cosine decay to 0 at the "
+                        f"last epoch {r}")
     p.add_argument("--lr-steps", default="", help=f"comma-separated epochs where LR is multiplied by --lr-gamma {r}")
     p.add_argument("--lr-gamma", type=float, default=0.0, help=f"LR step factor {r}")
     p.add_argument("--lambda-coord", type=float, default=5.0, help="weight of the coordinate loss")
@@ -184,10 +189,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def lr_factor(epoch: float, cfg: TrainConfig) -> float:
-    """LR / cfg.lr at a fractional epoch: linear warm-up from warmup_lr, then steps of lr_gamma."""
+    """LR / cfg.lr at a fractional epoch: linear warm-up from warmup_lr, then steps of lr_gamma at
+    lr_steps, or a linear or cosine decay from 1 at the end of warm-up to 0 at cfg.epochs."""
     if epoch < cfg.warmup_epochs:
         start = cfg.warmup_lr / cfg.lr
         return start + (1 - start) * epoch / cfg.warmup_epochs
+    if cfg.lr_schedule != "step":
+        t = min(1.0, (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9))
+        return 1 - t if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
     steps = [float(s) for s in cfg.lr_steps.split(",") if s.strip()]
     return cfg.lr_gamma ** sum(epoch >= s for s in steps)
 

@@ -149,6 +149,14 @@ def test_voc_generation_is_byte_identical(tmp_path: Path) -> None:
     assert _tree_bytes(a) != _tree_bytes(c)
 
 
+def test_voc_generation_in_several_processes_writes_the_same_bytes(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    serial = make_demo_voc(tmp_path / "serial", n_trainval=8, n_test=3, seed=5)
+    monkeypatch.setattr(demo_data, "IMAGES_PER_PROCESS", 2)       # 11 images: as many processes as cores
+    parallel = make_demo_voc(tmp_path / "parallel", n_trainval=8, n_test=3, seed=5)
+    assert _tree_bytes(serial) == _tree_bytes(parallel)
+
+
 def test_voc_image_does_not_depend_on_dataset_size(tmp_path: Path) -> None:
     small = make_demo_voc(tmp_path / "s", n_trainval=3, n_test=0) / "VOCdevkit" / "VOC2007"
     large = make_demo_voc(tmp_path / "l", n_trainval=5, n_test=2) / "VOCdevkit" / "VOC2007"

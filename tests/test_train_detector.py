@@ -247,3 +247,19 @@ def test_augmentation_strength_and_memory_format_come_from_the_recipe(tmp_path, 
     root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
     run(["--data-root", str(root), "--epochs", "1", "--jitter", "0.05", "--hsv", "1.1", "--out-dir", str(tmp_path / "r")])
     assert (True, 0.05, 1.1) in seen
+
+
+def test_lr_schedules_warm_up_then_step_or_decay_to_zero():
+    voc = train_detector.parse_args(["--data", "voc"])
+    assert voc.lr_schedule == "step" and voc.lr_steps == "75,105"                   # the paper's
+    f = train_detector.lr_factor
+    assert f(0, voc) == pytest.approx(0.1) and f(2.5, voc) == pytest.approx(0.55)  # 1e-3 -> 1e-2 over 5 epochs
+    assert (f(5, voc), f(74.9, voc), f(75, voc), f(105, voc), f(134.9, voc)) == pytest.approx((1, 1, 0.1, 0.01, 0.01))
+    # decays: from 1 at the end of warm-up (epoch 5) to 0 at epoch 135, e.g. a quarter of the way at 37.5
+    lin = train_detector.parse_args(["--data", "voc", "--lr-schedule", "linear"])
+    cos = train_detector.parse_args(["--data", "voc", "--lr-schedule", "cosine"])
+    for epoch, linear, cosine in ((5, 1.0, 1.0), (37.5, 0.75, (1 + 2 ** -0.5) / 2), (70, 0.5, 0.5), (135, 0.0, 0.0)):
+        assert f(epoch, lin) == pytest.approx(linear, abs=1e-12) and f(epoch, cos) == pytest.approx(cosine, abs=1e-12)
+    assert f(2.5, lin) == f(2.5, cos) == f(2.5, voc)                                   # same warm-up
+    with pytest.raises(SystemExit):
+        train_detector.parse_args(["--data", "demo", "--lr-schedule", "exp"])
