@@ -44,11 +44,11 @@ RECIPES = {
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
                 val_set="2007-test", eval_interval=5, workers=8, dropout=0.5, amp=False, ema_decay=0.0, fc_dim=4096,
                 cache_images=False, channels_last=False, jitter=0.2, hsv=1.5),
-    "demo": dict(epochs=85, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
-                 warmup_epochs=2, warmup_lr=1e-4, lr_schedule="step", lr_steps="68,79", lr_gamma=0.1, image_size=224,
+    "demo": dict(epochs=95, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+                 warmup_epochs=2, warmup_lr=1e-4, lr_schedule="step", lr_steps="76,88", lr_gamma=0.1, image_size=224,
                  dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
-                 val_set="2007-test", eval_interval=17, workers=0, amp=True, ema_decay=0.995, fc_dim=8192,
+                 val_set="2007-test", eval_interval=19, workers=0, amp=True, ema_decay=0.995, fc_dim=8192,
                  cache_images=True, channels_last=True, jitter=0.1, hsv=1.25),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
