@@ -91,7 +91,8 @@ def decode_predictions(out: Tensor, B: int, C: int, image_sizes: Tensor, conf_th
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, B: int, C: int, device: torch.device, amp: bool = False,
-            conf_threshold: float = 0.001, nms_iou: float = 0.5, max_det: int = 300, progress: bool = True) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+            conf_threshold: float = 0.001, nms_iou: float = 0.5, max_det: int = 300,
+            progress: bool = True) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Run a detector over a loader of ``(uint8 images, target, info)`` batches (dataset.py) and
     decode. Returns ``[(dataset index, boxes px xyxy (K, 4), scores (K,), labels (K,))]`` sorted by
     index, gathered from every process: with a :class:`ShardSampler` each image appears once."""
