@@ -532,7 +532,7 @@ def make_demo_voc(root: str | Path = "data/demo", n_trainval: int = 1200, n_test
             (voc / sub).mkdir(parents=True)
         ids = [f"{i:06d}" for i in range(1, n_trainval + n_test + 1)]
         # Every image has its own random stream, so processes can draw them in any order and the
-        # bytes stay the same; on the 2-core dev box two processes halve the 16 s this takes.
+        # bytes stay the same (16 s in one process on the 2-core dev box).
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                       max(1, len(ids) // IMAGES_PER_PROCESS))
         write = functools.partial(_write_voc_image, voc, seed)
