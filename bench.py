@@ -713,7 +713,7 @@ def part_demo_step(report: Report, cfg: BenchConfig) -> None:
     amp = r["amp"] and (device.type == "cuda" or cpu_has_native_bf16())
     n, size, C = r["batch_size"], r["image_size"], len(DEMO_CLASSES)
     mcfg = YoloConfig(C=C, image_size=size, width=r["width"], batch_norm=r["batch_norm"], fc_dim=r["fc_dim"],
-                      dropout=r["dropout"])
+                      dropout=r["dropout"], head_stride=r["head_stride"])
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
     boxes = torch.tensor([[20.0, 30.0, 120.0, 110.0], [100.0, 90.0, 200.0, 210.0]]) * size / 224

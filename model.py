@@ -54,6 +54,12 @@ class YoloConfig:
     ``width`` multiplies every conv filter count and the 4096-unit FC layer (rounded to multiples
     of 8, see :func:`_ch`), so that tests and the CPU demo can use a small model with the same
     topology.
+
+    ``head_stride``: the paper's head halves the map with its 2nd conv, which turns the 14x14
+    backbone map of a 448 px input into the 7x7 map of the 7x7 grid. At 224 px the backbone map
+    is already 7x7, and stride 2 would leave the FC a 4x4 map; ``head_stride=1`` keeps 7x7 (the
+    demo recipe's choice: it learns the grid markedly faster, see the README). Fast YOLO's head has
+    no strided conv (its backbone ends at 1/64), so there it changes nothing.
     """
     S: int = 7                 # grid size
     B: int = 2                 # boxes per cell
@@ -64,6 +70,7 @@ class YoloConfig:
     width: float = 1.0         # channel multiplier
     fc_dim: int = 4096         # hidden FC units (multiplied by width)
     dropout: float = 0.5
+    head_stride: int = 2       # stride of the head's 2nd conv; see below
 
     def __post_init__(self) -> None:
         if self.variant not in ("yolo", "fast"):
@@ -73,6 +80,8 @@ class YoloConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.width <= 4:
             raise ValueError(f"width must be in (0, 4], got {self.width}")
+        if self.head_stride not in (1, 2):
+            raise ValueError(f"head_stride must be 2 (the paper) or 1, got {self.head_stride}")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
 
@@ -188,6 +197,7 @@ class DetectionHead(nn.Module):
     def __init__(self, cfg: YoloConfig, in_channels: int, in_size: int):
         super().__init__()
         spec = YOLO_HEAD_CONVS if cfg.variant == "yolo" else FAST_HEAD_CONVS
+        spec = [(k, c, cfg.head_stride if s == 2 else s) for k, c, s in spec]
         first = 21 if cfg.variant == "yolo" else 8
         self.convs, c = _conv_stack(spec, in_channels, cfg.width, cfg.batch_norm, first=first)
         size = in_size

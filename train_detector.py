@@ -43,15 +43,16 @@ RECIPES = {
                 warmup_epochs=5, warmup_lr=1e-3, lr_schedule="step", lr_steps="75,105", lr_gamma=0.1, image_size=448,
                 width=1.0, batch_norm=False, variant="yolo", train_set="2007-trainval+2012-trainval",
                 val_set="2007-test", eval_interval=5, workers=8, dropout=0.5, amp=False, ema_decay=0.0, fc_dim=4096,
-                cache_images=False, channels_last=False, jitter=0.2, hsv=1.5),
-    "demo": dict(epochs=95, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
-                 warmup_epochs=2, warmup_lr=1e-4, lr_schedule="step", lr_steps="76,88", lr_gamma=0.1, image_size=224,
+                head_stride=2, cache_images=False, channels_last=False, jitter=0.2, hsv=1.5),
+    # demo: a constant LR after warm-up, no steps: the weight average (ema_decay) does the annealing
+    "demo": dict(epochs=76, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+                 warmup_epochs=2, warmup_lr=1e-4, lr_schedule="step", lr_steps="", lr_gamma=0.1, image_size=224,
                  dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
                  val_set="2007-test", eval_interval=19, workers=0, amp=True, ema_decay=0.995, fc_dim=8192,
-                 cache_images=True, channels_last=True, jitter=0.1, hsv=1.25),
+                 head_stride=1, cache_images=True, channels_last=True, jitter=0.1, hsv=1.25),
 }
-MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim")
+MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim", "head_stride")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TrainConfig:
     B: int = 2
     width: float = 0.0
     fc_dim: int = 0
+    head_stride: int = 0
     batch_norm: bool | None = None
     variant: str = ""
     dropout: float = -1.0
@@ -148,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("-B", type=int, default=2, help="boxes per cell")
     p.add_argument("--width", type=float, default=0.0, help=f"channel width multiplier {r}")
     p.add_argument("--fc-dim", type=int, default=0, help=f"hidden units of the head's first FC layer, before --width {r}")
+    p.add_argument("--head-stride", type=int, choices=[1, 2], default=0,
+                   help=f"stride of the head's 2nd conv: the paper's 2 maps 448 px to the 7x7 grid; 1 keeps a "
+                        f"224 px input's 7x7 map (YOLO variant) {r}")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"BatchNorm after each conv {r}")
     p.add_argument("--variant", choices=["yolo", "fast"], default="", help=f"YOLO (24 conv) or Fast YOLO (9 conv) {r}")
     p.add_argument("--dropout", type=float, default=-1.0, help=f"dropout after the first FC layer {r}")
@@ -351,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--data voc needs --data-root (the folder holding VOCdevkit)")
         data_root, class_names = cfg.data_root, VOC_CLASSES
     model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
-                           batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout)
+                           batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
+                           head_stride=cfg.head_stride)
     train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
                              keep_difficult=cfg.keep_difficult, jitter=cfg.jitter, hsv=cfg.hsv, seed=cfg.seed,
                              cache_images=cfg.cache_images)

@@ -47,6 +47,28 @@ def test_width_rounds_channels_to_multiples_of_eight():
     assert odd.backbone.layers.conv20.conv.out_channels == 32
 
 
+def test_head_stride_keeps_the_grid_sized_map():
+    # The paper's head: 448 px -> 14x14 backbone map -> 7x7 after the stride-2 conv22. At 224 px
+    # the backbone map is 7x7: stride 2 leaves a 4x4 map (ceil, "same" padding), stride 1 keeps 7x7.
+    seen = {}
+    for stride, size, side in ((2, 448, 7), (2, 224, 4), (1, 224, 7)):
+        model = YOLOv1(YoloConfig(C=5, image_size=size, width=0.0625, head_stride=stride))
+        assert model.head.convs.conv22.conv.stride == (stride, stride)
+        out = model.head.convs(model.backbone(torch.randn(2, 3, size, size)))
+        assert out.shape == (2, 64, side, side)
+        assert model.head.fc1.in_features == 64 * side * side
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 7, 7, 15)
+        seen[(stride, size)] = count_params_flops(model, size)
+    # the same weights but fc1, and 49/16 times the FLOPs of conv23..24 (64 -> 64, 3x3)
+    (p2, f2), (p1, f1) = seen[(2, 224)], seen[(1, 224)]
+    assert p1 - p2 == 64 * (49 - 16) * 256
+    assert f1 - f2 == 2 * 3 * 3 * 64 * 64 * (49 - 16) * 3 + 2 * 64 * (49 - 16) * 256
+    fast = YOLOv1(YoloConfig(variant="fast", width=0.25, head_stride=1))   # no strided head conv: unchanged
+    assert fast(torch.randn(1, 3, 448, 448)).shape == (1, 7, 7, 30)
+    with pytest.raises(ValueError, match="head_stride"):
+        YoloConfig(head_stride=3)
+
+
 def test_first_conv_flops_by_hand():
     # conv1: 7x7x3 -> 64 at stride 2 on 448 -> 224x224 outputs: 2 * 147 * 64 * 224 * 224 FLOPs.
     model = YOLOv1(YoloConfig())
