@@ -45,7 +45,7 @@ RECIPES = {
                 val_set="2007-test", eval_interval=5, workers=8, dropout=0.5, amp=False, ema_decay=0.0, fc_dim=4096,
                 head_stride=2, cache_images=False, channels_last=False, jitter=0.2, hsv=1.5),
     # demo: a constant LR after warm-up, no steps: the weight average (ema_decay) does the annealing
-    "demo": dict(epochs=76, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
+    "demo": dict(epochs=90, batch_size=16, lr=1e-3, optimizer="adam", momentum=0.9, weight_decay=5e-4,
                  warmup_epochs=2, warmup_lr=1e-4, lr_schedule="step", lr_steps="", lr_gamma=0.1, image_size=224,
                  dropout=0.0,
                  **DEMO_MODEL, variant="yolo", train_set="2007-trainval",
