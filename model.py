@@ -58,7 +58,8 @@ class YoloConfig:
     ``head_stride``: the paper's head halves the map with its 2nd conv, which turns the 14x14
     backbone map of a 448 px input into the 7x7 map of the 7x7 grid. At 224 px the backbone map
     is already 7x7, and stride 2 would leave the FC a 4x4 map; ``head_stride=1`` keeps 7x7 (the
-    demo recipe's choice: it learns the grid markedly faster, see the README). Fast YOLO's head has
+    demo recipe's choice: in two of three paired demo runs it ended far ahead, see the README).
+    Checkpoints saved before this field existed load as stride 2, what they were. Fast YOLO's head has
     no strided conv (its backbone ends at 1/64), so there it changes nothing.
     """
     S: int = 7                 # grid size
@@ -70,7 +71,7 @@ class YoloConfig:
     width: float = 1.0         # channel multiplier
     fc_dim: int = 4096         # hidden FC units (multiplied by width)
     dropout: float = 0.5
-    head_stride: int = 2       # stride of the head's 2nd conv; see below
+    head_stride: int = 2       # stride of the head's 2nd conv; see the docstring
 
     def __post_init__(self) -> None:
         if self.variant not in ("yolo", "fast"):

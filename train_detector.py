@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     ema_state = None
     if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
         ckpt = load_checkpoint(resume_path)
-        check_config_compatible(ckpt["model_config"], model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
+        saved_cfg = YoloConfig(**ckpt["model_config"]).to_dict()   # keys added since it was saved take their defaults
+        check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on classes {ckpt['class_names']}, not {list(class_names)}")
         model.load_state_dict(ckpt["model"])

@@ -158,6 +158,22 @@ def test_resume_refuses_incompatible_config(tmp_path):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--width", "0.125"])
     with pytest.raises(ValueError, match="S: 7 in .*, 5 now"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "-S", "5"])
+    with pytest.raises(ValueError, match="head_stride: 1 in .*, 2 now"):
+        run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--head-stride", "2"])
+
+
+def test_checkpoint_from_before_head_stride_resumes_as_stride_2(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    out = tmp_path / "run"
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out), "--head-stride", "2"])
+    ckpt = load_checkpoint(out / "last.pt")
+    del ckpt["model_config"]["head_stride"]          # as saved before the field existed
+    save_checkpoint(ckpt, out / "last.pt")
+    with pytest.raises(ValueError, match="head_stride: 2 in .*, 1 now"):   # the demo recipe's stride is 1
+        run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto"])
+    result = run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto",
+                  "--head-stride", "2"])
+    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 2 and result["final_map"] is not None
 
 
 def test_malicious_checkpoint_is_refused_and_code_not_run(tmp_path):
