@@ -59,8 +59,8 @@ class YoloConfig:
     backbone map of a 448 px input into the 7x7 map of the 7x7 grid. At 224 px the backbone map
     is already 7x7, and stride 2 would leave the FC a 4x4 map; ``head_stride=1`` keeps 7x7 (the
     demo recipe's choice: in two of three paired demo runs it ended far ahead, see the README).
-    Checkpoints saved before this field existed load as stride 2, what they were. Fast YOLO's head has
-    no strided conv (its backbone ends at 1/64), so there it changes nothing.
+    Checkpoints saved before this field existed load as stride 2, which is what they were. Fast
+    YOLO's head has no strided conv (its backbone ends at 1/64), so there it changes nothing.
     """
     S: int = 7                 # grid size
     B: int = 2                 # boxes per cell
