@@ -152,6 +152,34 @@ def test_training_draws_match_unrounded_affine(seed):
     assert diff.max() <= 12, (diff.max(), p)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_warp_image_equals_plain_crop_then_resize(seed):
+    """warp_image works on (H, W, 3) memory (a row-wise fill, the channels-last uint8 resize, a
+    NumPy copy that also flips); its pixels equal, exactly, those of the plain way: a (3, h, w)
+    crop padded with the fill colour, resized by v2's resize, flipped by v2's horizontal_flip.
+    Inputs in both memory orders, windows inside, across and entirely outside the image."""
+    rng = np.random.default_rng(seed)
+    H, W = int(rng.integers(20, 400)), int(rng.integers(20, 400))
+    hwc = torch.from_numpy(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    for image in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()):
+        for jitter, size in ((0.1, 448), (0.2, 224), (0.6, 64)):
+            p = AugmentParams.sample(rng, jitter)
+            for window, flip in ((crop_window(W, H, p), p.flip), ((W + 5, -3, 10, 12), True),
+                                 ((1, 2, W - 3, H - 2), False)):
+                left, top, w, h = window
+                crop = torch.tensor(FILL, dtype=torch.uint8).view(3, 1, 1).repeat(1, h, w)
+                for y in range(h):            # row by row: no clever indexing in the reference
+                    if 0 <= top + y < H:
+                        xs = [x for x in range(w) if 0 <= left + x < W]
+                        if xs:
+                            crop[:, y, xs[0]:xs[-1] + 1] = image[:, top + y, left + xs[0]:left + xs[-1] + 1]
+                ref = F.resize(crop, [size, size], antialias=True)
+                ref = F.horizontal_flip(ref) if flip else ref
+                out = warp_image(image, window, size, flip, FILL)
+                assert out.is_contiguous() and out.shape == (3, size, size) and out.dtype == torch.uint8
+                assert torch.equal(out, ref), (window, size, flip)
+
+
 def _write_voc(root, image: torch.Tensor, boxes: list[list[int]], names: list[str]) -> None:
     voc = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
