@@ -31,7 +31,8 @@ Sections, each printed as soon as it is measured (one row per number):
   bf16 weights, and replayed as a CUDA graph; decode + NMS milliseconds per image.
 * ``eval``: seconds to score a 5,000-image VOC split (voc_eval.bench) and to load its annotations
   (evaluate.bench_annotation_loading).
-* ``compile`` (with ``--compile``): the same training step and inference under torch.compile.
+* ``compile`` (with ``--compile``): the same training step (on the device and end to end from the
+  DataLoader) and inference under torch.compile.
 
 FLOPs count a multiply-add as 2 (model.count_params_flops); a trained image costs 3x its forward
 FLOPs (forward + backward). MFU = achieved FLOP/s / the matrix-product peak measured in this run.

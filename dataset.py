@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
@@ -57,8 +57,9 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
 
     Only ``<object>`` children of the root are objects (``<part>`` boxes of VOC person layout are
     not). Coordinates may be written as floats. A missing ``difficult`` tag means 0. Objects of a
-    class outside ``class_names`` and boxes with ``xmin >= xmax`` or ``ymin >= ymax`` are skipped
-    and reported in the returned list. Files with a DOCTYPE or entity declarations are refused
+    class outside ``class_names`` and boxes with ``xmin > xmax`` or ``ymin > ymax`` are skipped
+    and reported in the returned list (corners are inclusive: ``xmin == xmax`` is one pixel wide, as
+    in the VOC devkit). Files with a DOCTYPE or entity declarations are refused
     (no entity expansion), as are files that are not well-formed XML: :class:`DataError`.
     """
     path = Path(path)
@@ -96,8 +97,8 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
         box = [num(bb, t) for t in ("xmin", "ymin", "xmax", "ymax")]
         if not all(math.isfinite(v) for v in box):
             raise DataError(f"{path}: object {name!r} has a non-finite coordinate {box}")
-        if box[0] >= box[2] or box[1] >= box[3]:
-            problems.append(f"degenerate box {box} of {name!r} dropped (xmin >= xmax or ymin >= ymax)")
+        if box[0] > box[2] or box[1] > box[3]:
+            problems.append(f"degenerate box {box} of {name!r} dropped (xmin > xmax or ymin > ymax)")
             continue
         boxes.append(box)
         labels.append(class_names.index(name))
@@ -288,10 +289,14 @@ def encode_target(boxes: Tensor | np.ndarray, labels: Tensor | np.ndarray, image
 
 # ----------------------------------------------------------------------------- images
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def read_image(path: Path) -> Tensor:
-    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, CMYK, alpha and EXIF rotation
-    handled; zero-byte, non-image, truncated and oversized (decompression bomb) files raise
-    :class:`DataError` naming the file."""
+    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, palette, 16-bit, CMYK, alpha and
+    EXIF rotation handled; zero-byte, non-image, corrupt, truncated and oversized (decompression
+    bomb) files raise :class:`DataError` naming the file. PNGs (any extension) are decoded by PIL,
+    the rest by torchvision.io."""
     try:
         data = torchvision_read(path)
     except OSError as e:
@@ -301,6 +306,8 @@ def read_image(path: Path) -> Tensor:
     w, h = image_header_size(data, path)
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)")
+    if bytes(data[:8].numpy()) == PNG_SIGNATURE:
+        return decode_png_pil(data, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # libjpeg warns (not fails) on truncated data
@@ -309,6 +316,26 @@ def read_image(path: Path) -> Tensor:
     except (RuntimeError, UserWarning) as e:
         raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
     return img
+
+
+def decode_png_pil(data: Tensor, path: Path) -> Tensor:
+    """PNG bytes -> uint8 RGB ``(3, H, W)`` through PIL. Not torchvision.io: its ``decode_png``
+    (torchvision 0.29) kills the process with a segfault on a PNG whose compressed data is
+    damaged, and returns uint16 for 16-bit PNGs. 16-bit grey is scaled to 8 bits (v / 257);
+    PIL reads 16-bit colour as 8-bit itself."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # read_image checked the size
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                if im.mode.startswith("I"):                       # 16-bit (or 32-bit integer) grey
+                    grey = np.asarray(im).astype(np.float64) / 257
+                    im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
+                array = np.asarray(im.convert("RGB"))                 # (H, W, 3) uint8
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)    # (3, H, W), (H, W, 3) in memory like decode_image's
 
 
 def torchvision_read(path: Path) -> Tensor:

@@ -58,7 +58,7 @@ def bad_tree(tmp_path):
     add("entity_xml", img, '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY big "xxxx">]><annotation>&big;</annotation>')
     add("float_coords", img, XML.format(w=160, h=120, objects=obj(x0="10.5", y0="11.2", x1="50.7", y1="60.0")))
     add("outside", img, XML.format(w=160, h=120, objects=obj(x0=-20, y0=100, x1=400, y1=300)))
-    add("degenerate", img, XML.format(w=160, h=120, objects=obj(x0=50, x1=50) + obj()))
+    add("degenerate", img, XML.format(w=160, h=120, objects=obj(x0=50, x1=49) + obj()))
     add("no_difficult", img, XML.format(w=160, h=120, objects=obj(difficult="")))
     add("unknown_class", img, XML.format(w=160, h=120, objects=obj(name="unicorn") + obj()))
     add("no_objects", img, XML.format(w=160, h=120, objects=""))

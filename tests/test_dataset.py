@@ -1,4 +1,5 @@
 import colorsys
+import io
 import math
 
 import numpy as np
@@ -39,7 +40,8 @@ GENUINE_2012 = """<annotation>
 		<truncated>0</truncated>
 	</object>
 	<object><name>horse</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>
-	<object><name>dog</name><bndbox><xmin>50</xmin><ymin>1</ymin><xmax>50</xmax><ymax>5</ymax></bndbox></object>
+	<object><name>dog</name><bndbox><xmin>50</xmin><ymin>1</ymin><xmax>49</xmax><ymax>5</ymax></bndbox></object>
+	<object><name>cat</name><bndbox><xmin>50</xmin><ymin>7</ymin><xmax>50</xmax><ymax>7</ymax></bndbox></object>
 	<segmented>0</segmented>
 	<size><depth>3</depth><height>333</height><width>500</width></size>
 </annotation>"""
@@ -64,9 +66,10 @@ def test_parse_voc2012_parts_floats_unknown_and_degenerate(tmp_path):
     p = tmp_path / "2012_000001.xml"
     p.write_text(GENUINE_2012)
     ann, problems = parse_voc_xml(p, CLASSES)
-    assert len(ann.boxes) == 1                      # parts are not objects; horse unknown; dog degenerate
-    np.testing.assert_array_equal(ann.boxes[0], [10.0, 20, 200.5, 300])
-    assert ann.labels.tolist() == [2] and ann.difficult.tolist() == [False]
+    assert len(ann.boxes) == 2         # parts are not objects; horse unknown; dog inverted (xmax < xmin)
+    np.testing.assert_array_equal(ann.boxes, [[10.0, 20, 200.5, 300], [50, 7, 50, 7]])   # the cat: one pixel
+    assert ann.labels.tolist() == [2, 0] and ann.difficult.tolist() == [False, False]
+    np.testing.assert_array_equal(VOCDetection.boxes_px(ann, as_array=True)[1], [49, 6, 50, 7])
     assert any("horse" in q for q in problems) and any("degenerate" in q for q in problems)
 
 
@@ -174,6 +177,52 @@ def test_read_image_modes_and_errors(tmp_path):
     text.write_text("not an image")
     with pytest.raises(DataError, match="t.jpg"):
         read_image(text)
+
+
+def test_png_decoding_pixels_16_bit_and_corrupt_data(tmp_path):
+    """PNGs go through PIL (torchvision 0.29's decode_png segfaults on damaged data): 8-bit PNGs of
+    every colour type give torchvision's pixels exactly, 16-bit grey is scaled to uint8, and a PNG
+    whose compressed data is damaged (zlib checksum broken, chunk CRC kept valid) is a DataError.
+    The decoding runs in a child process, so a crash fails the test instead of killing pytest."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+    from pathlib import Path
+
+    from torchvision.io import ImageReadMode, decode_image
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (9, 11, 4), dtype=np.uint8)
+    images = {"L": Image.fromarray(rgba[..., 0], "L"), "LA": Image.fromarray(rgba[..., :2], "LA"),
+              "RGB": Image.fromarray(rgba[..., :3], "RGB"), "RGBA": Image.fromarray(rgba, "RGBA"),
+              "P": Image.fromarray(rgba[..., :3], "RGB").quantize(16)}
+    for mode, im in images.items():
+        path = tmp_path / f"{mode}.jpg"          # a PNG under a .jpg name: found by its signature
+        im.save(path, "PNG")
+        ours = read_image(path)
+        ref = decode_image(str(path), mode=ImageReadMode.RGB)
+        assert ours.dtype == torch.uint8 and torch.equal(ours, ref), mode
+    grey16 = np.array([[0, 257, 65535], [128, 30000, 1000]], np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")     # mode I;16
+    out = read_image(tmp_path / "g16.png")
+    expected = torch.from_numpy(np.round(grey16 / 257).astype(np.uint8))
+    assert out.dtype == torch.uint8 and all(torch.equal(out[c], expected) for c in range(3))
+
+    buf = io.BytesIO()
+    Image.fromarray(rgba[..., :3], "RGB").save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    i = data.index(b"IDAT")
+    n = struct.unpack(">I", data[i - 4:i])[0]
+    data[i + 4 + n - 1] ^= 0xFF                                           # the zlib stream's adler32
+    data[i + 4 + n:i + 8 + n] = struct.pack(">I", zlib.crc32(bytes(data[i:i + 4 + n])))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(bytes(data))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from dataset import DataError, "
+            "read_image\ntry:\n    read_image(Path(sys.argv[2]))\nexcept DataError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "bad.png: cannot decode image" in proc.stdout
 
 
 def test_cache_images_serves_the_same_items_without_reading_again(tmp_path):
