@@ -47,7 +47,7 @@ from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
                    check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
-                   print_problems, save_checkpoint,
+                   print_problems, save_checkpoint, sum_over_ranks,
                    reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
                    to_channels_last)
 
@@ -218,15 +218,6 @@ def accuracy(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5)) -> 
     top = logits.topk(k_max, dim=1).indices                    # (N, k_max), best first
     hit = top.eq(target.view(-1, 1))                           # (N, k_max), at most one True per row
     return torch.stack([hit[:, :min(k, k_max)].any(1).sum() for k in topk])
-
-
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """``values`` summed element-wise over all processes (one all-reduce; themselves without torchrun)."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
@@ -542,8 +533,9 @@ def main(argv: list[str] | None = None) -> dict:
     per_proc = cfg.batch_size // world
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none)
+    # its own generator: validating draws nothing from the global RNG, so it does not change how the run trains
     val_loader = DataLoader(val_set, per_proc, sampler=ShardSampler(len(val_set), rank, world),
-                            persistent_workers=cfg.workers > 0, **loader_kw)
+                            persistent_workers=cfg.workers > 0, generator=torch.Generator(), **loader_kw)
 
     # ---- model, optimizer, schedule
     model_cfg = YoloConfig(C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
@@ -576,9 +568,11 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:   # empty when saved without fp16 (CPU, bf16 GPU): a fresh scaler then
+            scaler.load_state_dict(ckpt["scaler"])
         state.update(ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_ranks")   # each process's own streams, when the process count is the same
+        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else ckpt["rng"])
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']} "
                   f"({state['step_in_epoch']} into the epoch)")
@@ -606,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict:
     preview_idx = [round(i * (len(val_set) - 1) / max(cfg.preview_images - 1, 1))
                    for i in range(min(cfg.preview_images, len(val_set)))]
 
-    def checkpoint(name: str) -> None:
+    def checkpoint(name: str) -> None:   # called by every process: the RNG states are gathered
+        rngs = all_gather_objects(rng_state())
         if not is_main:
             return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -614,7 +609,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "state": {**state, "history": list(state["history"]),
                                    "epoch_meter": dict(state["epoch_meter"])},
                          "config": asdict(cfg), "model_config": model_cfg.to_dict(), "class_names": class_names,
-                         "class_labels": data.class_labels, "rng": rng_state()}, out_dir / name)
+                         "class_labels": data.class_labels, "rng": rngs[0], "rng_ranks": rngs}, out_dir / name)
 
     # ---- the loop
     stopper = GracefulStop()

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,9 +32,9 @@ from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
-                   autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16, format_loss,
-                   load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
-                   reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
+                   all_ranks, autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
+                   format_loss, load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
+                   reuse_freed_memory, seed_everything, set_rng_state, setup_distributed, sum_over_ranks,
                    to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
@@ -206,14 +207,17 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     return cfg.lr_gamma ** sum(epoch >= s for s in steps)
 
 
-def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device, amp_dtype) -> tuple[bool, dict]:
+def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device,
+               amp_dtype) -> tuple[bool, bool, dict]:
     """Forward, loss, backward and update on one ``(uint8 images, target, info)`` batch.
 
-    Returns ``(finite, loss terms as floats)``, read from the device once per step. A step whose
-    loss or gradient norm is not finite changes nothing: no optimizer step (so weights and
-    optimizer state stay as they were) and the BatchNorm statistics of its forward pass are
-    restored. Under DDP a NaN on one rank reaches every rank's gradient, so all skip together.
-    With fp16, the GradScaler skips inf/NaN gradient steps itself (and lowers its scale).
+    Returns ``(finite, stepped, loss terms as floats)``, read from the device once per step. A
+    step whose loss (on any process) or gradient norm is not finite changes nothing: no optimizer
+    step (so weights and optimizer state stay as they were) and the BatchNorm statistics of its
+    forward pass are restored. Gradients are all-reduced under DDP, losses are not, so the loss
+    check is one decision for all processes. With fp16 the GradScaler skips inf/NaN gradient
+    steps itself and lowers its scale: with a finite loss that is its routine, not a bad step,
+    but ``stepped`` is False, so that the caller leaves the weight average alone.
     """
     images, target, info = batch
     images = images.to(device, non_blocking=True)
@@ -229,17 +233,20 @@ def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, dev
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
     *values, gnorm = torch.stack([*(t.detach() for t in terms.values()), gnorm.float()]).tolist()
     vals = dict(zip(terms, values))
-    finite = math.isfinite(vals["total"]) and (scaler.is_enabled() or math.isfinite(gnorm))
+    finite = all_ranks(math.isfinite(vals["total"])) and (scaler.is_enabled() or math.isfinite(gnorm))
+    stepped = finite
     if scaler.is_enabled():
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        stepped = finite and scaler.get_scale() >= scale   # a lowered scale: the scaler skipped this step
     elif finite:
         optimizer.step()
     if not finite:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
-    return finite, vals
+    return finite, stepped, vals
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg: TrainConfig, state: dict, device,
@@ -258,17 +265,26 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     t0, seen = time.perf_counter(), 0
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
-        state["skipped_images"] += per_proc - n          # unreadable images dropped by collate_skip_none
-        if batch is None:
-            continue
-        finite, vals = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
-        if finite:
+        # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
+        # all-reduce). A process left with no image makes every process skip the step (DDP needs all
+        # of them in each backward); the step still counts, so the LR schedule and a resume stay aligned.
+        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)], device)
+        state["skipped_images"] += int(dropped)
+        if empty:
+            finite, stepped, vals = True, False, {}
+            if is_main:
+                tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the "
+                           f"warnings above); step skipped by every process ({state['skipped_images']} images "
+                           "skipped so far)")
+        else:
+            finite, stepped, vals = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
+        if stepped and ema:
+            ema.update()
+        if finite and vals:
             state["bad_steps"] = 0
-            if ema:
-                ema.update()
             for k, v in vals.items():
                 meters[k].update(v, n)
-        else:
+        elif not finite:
             state["bad_steps"] += 1
             state["skipped_steps"] += 1
             if is_main:
@@ -278,7 +294,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
             if state["bad_steps"] >= cfg.max_bad_steps:
                 raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
                                          f"last loss terms: {format_loss(vals)}. The last good checkpoint is intact.")
-        scheduler.step()
+        with warnings.catch_warnings():
+            if not stepped:   # a skipped first step makes torch warn about the call order; the schedule follows steps
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            scheduler.step()
         state["step"] += 1
         state["step_in_epoch"] += 1
         seen += n
@@ -385,7 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none,
                      persistent_workers=cfg.workers > 0)
-    val_loader = DataLoader(val_set, per_proc, sampler=ShardSampler(len(val_set), rank, world), **loader_kw)
+    # its own generator: an evaluation draws nothing from the global RNG (dropout), so how often the run
+    # evaluates does not change how it trains
+    val_loader = DataLoader(val_set, per_proc, sampler=ShardSampler(len(val_set), rank, world),
+                            generator=torch.Generator(), **loader_kw)
 
     # ---- model, loss, optimizer, schedule
     model = YOLOv1(model_cfg).to(device)
@@ -421,10 +443,12 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:   # empty when saved without fp16 (CPU, bf16 GPU): a fresh scaler then
+            scaler.load_state_dict(ckpt["scaler"])
         ema_state = ckpt.get("ema")
         state.update(ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_ranks")   # each process's own streams (dropout), when the process count is the same
+        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else ckpt["rng"])
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
     # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py;
@@ -451,14 +475,15 @@ def main(argv: list[str] | None = None) -> dict:
             if rep:
                 writer.add_text(f"data/{name}_report", "\n\n".join(f"`{w}`: {y}" for w, y in rep[:1000]), state["step"])
 
-    def checkpoint(name: str) -> None:
+    def checkpoint(name: str) -> None:   # called by every process: the RNG states are gathered
+        rngs = all_gather_objects(rng_state())
         if not is_main:
             return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
                          "ema": ema.state_dict() if ema else None,
                          "config": asdict(cfg), "model_config": model_cfg.to_dict(),
-                         "class_names": list(class_names), "rng": rng_state()}, out_dir / name)
+                         "class_names": list(class_names), "rng": rngs[0], "rng_ranks": rngs}, out_dir / name)
 
     # ---- the loop
     history = []
@@ -483,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
                 checkpoint("last.pt")
                 if is_main:
                     print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
-                          f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto)")
+                          f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto --out-dir {out_dir})")
                 if writer:
                     writer.close()
                 cleanup_distributed()

@@ -453,6 +453,15 @@ def all_ranks(flag: Tensor | bool) -> bool:
     return bool(t.item())
 
 
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed element-wise over all processes (one all-reduce; themselves without torchrun)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
                    device: torch.device) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW (beta1 = ``momentum``), with weight decay on weights only (biases

@@ -150,6 +150,95 @@ def test_nan_step_changes_nothing_and_repeated_nans_stop(tmp_path):
         stop.restore()
 
 
+def _one_epoch_setup(tmp_path, scaler_enabled=False):
+    root = tiny_voc(tmp_path / "data", n_trainval=12, n_test=4)
+    cfg = train_detector.parse_args(["--data", "demo", *TINY, "--data-root", str(root), "--width", "0.0625"])
+    from dataset import VOCDetection
+    from demo_data import DEMO_CLASSES
+    ds = VOCDetection(root, "2007-trainval", DEMO_CLASSES, 64, 7, train=True)
+    model = YOLOv1(YoloConfig(C=5, image_size=64, width=0.0625, batch_norm=True))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
+    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0}
+    return cfg, ds, model, opt, sched, scaler, state
+
+
+def test_batches_with_no_readable_image_still_count_as_steps(tmp_path):
+    """A batch left empty by unreadable images (collate_skip_none gives None) changes no weight and
+    leaves the weight average alone, but the step is counted and the LR schedule moves on, so that
+    a resume lands where it should (and, under DDP, every process takes the same branch)."""
+    from dataset import collate_skip_none
+    from utils import ModelEMA
+    cfg, ds, model, opt, sched, scaler, state = _one_epoch_setup(tmp_path)
+    real = [collate_skip_none([ds[i] for i in range(j, j + 4)]) for j in (0, 4)]
+    batches = [real[0], None, None, real[1]]          # what the loader yields: 2 batches of 4 lost entirely
+    ema = ModelEMA(model, 0.9)
+    weights = []
+    model.register_forward_pre_hook(lambda m, a: weights.append(m.head.fc2.weight.detach().clone()))
+    stop = GracefulStop()
+    try:
+        train_detector.train_one_epoch(model, YoloLoss(7, 2, 5), opt, sched, scaler, batches, cfg, state,
+                                       torch.device("cpu"), None, False, lambda name: None, 4, stop, ema=ema)
+    finally:
+        stop.restore()
+    assert state["step"] == state["step_in_epoch"] == 4 and sched.last_epoch == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 5)
+    assert state["skipped_images"] == 8 and state["skipped_steps"] == 0 and state["bad_steps"] == 0
+    assert ema.updates == 2                            # only the two real steps
+    assert len(weights) == 2 and not torch.equal(weights[0], weights[1])
+
+
+def test_fp16_overflow_step_is_skipped_without_touching_the_weight_average(tmp_path):
+    """With a GradScaler (fp16), a finite loss whose gradients overflow is the scaler's routine: not
+    a bad step, no weight change, the scale halves, and the weight average is not updated."""
+    from utils import ModelEMA
+    from dataset import collate_skip_none
+    torch.manual_seed(0)
+    cfg, ds, model, opt, sched, scaler, state = _one_epoch_setup(tmp_path, scaler_enabled=True)
+    batches = [collate_skip_none([ds[i] for i in range(j, j + 4)]) for j in (0, 4, 8)]
+    real = YoloLoss(7, 2, 5)
+
+    class OverflowAt(torch.nn.Module):   # the second step: a finite loss, gradients past float32's range
+        calls = 0
+
+        def forward(self, pred, target):
+            terms = real(pred, target)
+            OverflowAt.calls += 1
+            if OverflowAt.calls == 2:
+                terms["total"] = terms["total"] * 1e34   # finite; x the scale (65536) it is not
+            return terms
+
+    ema = ModelEMA(model, 0.9)
+    weights = []
+    model.register_forward_pre_hook(lambda m, a: weights.append(m.head.fc2.weight.detach().clone()))
+    scale0 = scaler.get_scale()
+    stop = GracefulStop()
+    try:
+        train_detector.train_one_epoch(model, OverflowAt(), opt, sched, scaler, batches, cfg, state,
+                                       torch.device("cpu"), None, False, lambda name: None, 3, stop, ema=ema)
+    finally:
+        stop.restore()
+    assert state["skipped_steps"] == 0 and state["step"] == 3        # not counted as a bad step
+    assert scaler.get_scale() == scale0 / 2
+    assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[0], weights[1])
+    assert ema.updates == 2
+
+
+def test_resume_with_fp16_from_a_checkpoint_saved_without_a_scaler(tmp_path, monkeypatch):
+    """A checkpoint from a run without fp16 (CPU, bf16 GPU) holds an empty GradScaler state; resuming
+    it where autocast must use fp16 (a GPU without bf16) starts a fresh scaler instead of failing."""
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    out = tmp_path / "run"
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out), "--amp"])
+    assert load_checkpoint(out / "last.pt")["scaler"] == {}
+    monkeypatch.setattr(train_detector, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(train_detector, "cpu_has_native_bf16", lambda: True)
+    run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--amp", "--resume", "auto"])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["state"]["epoch"] == 2 and ckpt["scaler"]["scale"] > 0      # trained on with a live scaler
+
+
 def test_resume_refuses_incompatible_config(tmp_path):
     root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
     out = tmp_path / "run"
