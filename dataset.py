@@ -52,6 +52,17 @@ class Annotation:
     difficult: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))   # (M,)
 
 
+class _RefuseDoctype(ET.TreeBuilder):
+    """Builds the tree, refusing a DOCTYPE: entity declarations live in one, so nothing is expanded."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def doctype(self, name: str, pubid: str | None, system: str | None) -> None:
+        raise DataError(f"{self.path}: XML with a DOCTYPE or entity declarations is refused (no entity expansion)")
+
+
 def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotation, list[str]]:
     """Parse a VOC annotation file. Returns the annotation and a list of problems that were handled.
 
@@ -63,11 +74,10 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
     (no entity expansion), as are files that are not well-formed XML: :class:`DataError`.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
-        raise DataError(f"{path}: XML with a DOCTYPE or entity declarations is refused (no entity expansion)")
+    parser = ET.XMLParser(target=_RefuseDoctype(path))   # the parser sees a DOCTYPE in any encoding (UTF-16 too)
     try:
-        root = ET.fromstring(raw)
+        parser.feed(path.read_bytes())
+        root = parser.close()
     except ET.ParseError as e:
         raise DataError(f"{path}: malformed XML ({e})") from None
     problems: list[str] = []

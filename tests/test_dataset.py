@@ -86,6 +86,20 @@ def test_parse_refuses_bad_xml(tmp_path, text, match):
     assert "bad.xml" in str(e.value)
 
 
+def test_entity_declarations_are_refused_in_utf16_too(tmp_path):
+    """In UTF-16 the declaration's bytes are not the ASCII ``<!DOCTYPE``: the parser itself refuses it."""
+    text = '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE a [<!ENTITY e "dog">]>' \
+           '<annotation><object><name>&e;</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>' \
+           '<ymax>5</ymax></bndbox></object></annotation>'
+    p = tmp_path / "u16.xml"
+    p.write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match="DOCTYPE"):
+        parse_voc_xml(p, CLASSES)
+    p.write_bytes(text.replace('<!DOCTYPE a [<!ENTITY e "dog">]>', "").replace("&e;", "dog").encode("utf-16"))
+    ann, _ = parse_voc_xml(p, CLASSES)        # the same file without the declaration is read
+    assert ann.labels.tolist() == [1]
+
+
 def test_image_set_names():
     assert parse_image_set("2007-trainval+2012-trainval") == [("2007", "trainval"), ("2012", "trainval")]
     with pytest.raises(ValueError):
