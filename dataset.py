@@ -150,7 +150,7 @@ def image_set_ids(root: Path, image_set: str, report: list[tuple[str, str]]):
         if not list_file.is_file():
             raise DataError(f"image set file {list_file} does not exist (is --data-root right?)")
         for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
-            image_id = line.strip().split(" ")[0] if line.strip() else ""
+            image_id = line.split()[0] if line.strip() else ""      # per-class lists add a label after the id
             if not image_id:
                 continue
             where = f"{list_file}:{line_no}"

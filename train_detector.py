@@ -519,6 +519,9 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 print(f"epoch {epoch + 1}: train {format_loss(losses)}")
             if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
+                if world > 1 and ema:   # the average's BatchNorm statistics follow each process's own last
+                    for b in ema.module.buffers():   # batches: evaluate (and save) rank 0's on every process
+                        dist.broadcast(b, 0)
                 last_result = evaluate(eval_model, val_loader, val_set, cfg, model_cfg, device)
                 history.append({"epoch": epoch + 1, "map": last_result["map"]})
                 if is_main:

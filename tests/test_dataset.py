@@ -106,6 +106,19 @@ def test_image_set_names():
         parse_image_set("trainval")
 
 
+def test_image_set_lines_with_a_label_after_the_id(tmp_path):
+    """Per-class lists (``aeroplane_trainval.txt``) hold ``<id> <label>``, by spaces or a tab: the id is
+    the first field."""
+    from helpers import tiny_voc
+    from demo_data import DEMO_CLASSES
+    root = tiny_voc(tmp_path / "data", n_trainval=4, n_test=2)
+    main = root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    ids = main.joinpath("trainval.txt").read_text().split()
+    main.joinpath("circle_trainval.txt").write_text(f"{ids[0]}  1\n{ids[1]}\t-1\n{ids[2]} 0\n\n")
+    ds = VOCDetection(root, "2007-circle_trainval", DEMO_CLASSES, 64)
+    assert [a.image_id for _, a in ds.items] == ids[:3] and not ds.report
+
+
 def _rect_image(H, W, box):
     img = torch.zeros(3, H, W, dtype=torch.uint8)
     x0, y0, x1, y1 = box
