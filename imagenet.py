@@ -264,11 +264,15 @@ def prepare_val(val_dir: str | Path, labels: dict[str, str]) -> PrepareReport:
     if not val_dir.is_dir():
         raise DataError(f"{val_dir}: no such folder")
     report = PrepareReport()
-    loose = {p.stem: p for p in loose_images(val_dir)}
-    placed = {p.stem: wnid for wnid, paths in scan_class_folders(val_dir, allow_empty=True).items()
-              for p in paths}
     plan: list[tuple[Path, Path]] = []
     conflicts: list[str] = []
+    loose: dict[str, Path] = {}
+    for p in loose_images(val_dir):   # labels are keyed by file stem: two files with one stem are ambiguous
+        if p.stem in loose:
+            conflicts.append(f"{loose[p.stem]} and {p.name} share the image id {p.stem!r}")
+        loose[p.stem] = p
+    placed = {p.stem: wnid for wnid, paths in scan_class_folders(val_dir, allow_empty=True).items()
+              for p in paths}
     for image_id in sorted(labels):
         wnid = labels[image_id]
         _check_safe_name(wnid, f"label of {image_id}")
@@ -286,8 +290,9 @@ def prepare_val(val_dir: str | Path, labels: dict[str, str]) -> PrepareReport:
             conflicts.append(f"{src} -> {dst} (holds different bytes)")
         plan.append((src, dst))
     if conflicts:
-        raise FileExistsError(f"--prepare-val: {len(conflicts)} conflict(s) with files already in class folders; "
-                              "nothing was moved. Resolve them by hand:\n  " + "\n  ".join(conflicts[:10]))
+        raise FileExistsError(f"--prepare-val: {len(conflicts)} conflict(s) (files already in class folders, "
+                              "or one image id for two files); nothing was moved. Resolve them by hand:\n  "
+                              + "\n  ".join(conflicts[:10]))
     report.unlabelled = sorted(p.name for p in loose.values())
     for src, dst in plan:
         dst.parent.mkdir(exist_ok=True)

@@ -241,6 +241,18 @@ def test_prepare_val_refuses_to_overwrite_a_different_file(tree: Path, tmp_path:
     assert _snapshot(root / "val") == before                 # nothing moved, nothing overwritten
 
 
+def test_prepare_val_refuses_two_files_with_one_image_id(tree: Path, tmp_path: Path) -> None:
+    # Labels are keyed by file stem: x.JPEG and x.png cannot both be the labelled image x.
+    root = _flat_copy(tree, tmp_path / "flat")
+    labels = read_val_solution(root / "LOC_val_solution.csv")
+    image_id = sorted(labels)[2]
+    shutil.copy(root / "val" / f"{image_id}.JPEG", root / "val" / f"{image_id}.png")
+    before = _snapshot(root / "val")
+    with pytest.raises(FileExistsError, match=rf"{image_id}.png share the image id '{image_id}'"):
+        prepare_val(root / "val", labels)
+    assert _snapshot(root / "val") == before                 # nothing moved
+
+
 def test_prepare_val_finishes_an_interrupted_move(tree: Path, tmp_path: Path) -> None:
     # A run killed between link and unlink leaves the same file in both places.
     root = _flat_copy(tree, tmp_path / "flat")
