@@ -615,7 +615,9 @@ def main(argv: list[str] | None = None) -> dict:
     stopper = GracefulStop()
     t_start = time.perf_counter()
     try:
-        while state["epoch"] < cfg.epochs and stopper.signum is None:
+        # requested() is one decision for all processes; a process's own flag alone could differ from
+        # the others' for a signal that lands between two checks, and send them down different branches
+        while state["epoch"] < cfg.epochs and not stopper.requested():
             epoch = state["epoch"]
             train_set.set_epoch(epoch)
             train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
@@ -650,8 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
             if val["top1"] > state["best_top1"]:
                 state["best_top1"], state["best_top5"] = val["top1"], val["top5"]
                 checkpoint("best.pt")
-            checkpoint("last.pt")
-            stopper.requested()   # a signal during validation: stop now that everything is saved
+            checkpoint("last.pt")   # a signal during validation stops the run at the loop's next check
     finally:
         stopper.restore()
 

@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       **{**loader_kw, "persistent_workers": False})
             losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
                                      writer, is_main, checkpoint, steps_per_epoch, stopper, log_file, ema)
-            if stopper.signum is not None:
+            if stopper.requested():   # one decision for all processes (a signal may land on one between checks)
                 checkpoint("last.pt")
                 if is_main:
                     print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
