@@ -6,6 +6,7 @@ VOC's 1-based inclusive corners are converted once, in :func:`parse_voc_xml`'s c
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -240,6 +241,13 @@ def warp_boxes(boxes: Tensor | np.ndarray, window: tuple[int, int, int, int], si
     return out[keep], keep
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """The ``(1, 3, 1, 1)`` mean and std tensors on ``device``, made once: building them from Python
+    lists on every call would be a blocking host-to-GPU copy, a stall of the GPU queue per step."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
 def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: Tensor | None = None,
                     mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> Tensor:
     """uint8 ``(N, 3, H, W)`` RGB batch -> normalised float, with per-image HSV exposure and
@@ -251,8 +259,7 @@ def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: 
     image is c' = V' (1 - S' k_c) with V' = min(V e, 1), S' = min(S s, 1). No hue is computed.
     """
     x = images.float()                                   # (N, 3, H, W) in 0..255, the one full-size buffer
-    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    mean_t, std_t = _mean_std(x.device, tuple(mean), tuple(std))
     if exposure is not None and saturation is not None:
         N = x.shape[0]
         e, s = exposure.to(x).view(N, 1, 1, 1), saturation.to(x).view(N, 1, 1, 1)

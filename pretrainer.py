@@ -238,6 +238,7 @@ def train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params: 
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     if cfg.color_jitter > 0:
+        info = info.to(device, non_blocking=True)   # whole (pinned) and asynchronous; a column alone would block
         x = color_normalize(images, info[:, 1], info[:, 2], cfg.mean, cfg.std)
     else:
         x = color_normalize(images, mean=cfg.mean, std=cfg.std)

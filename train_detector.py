@@ -222,7 +222,8 @@ def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, dev
     images, target, info = batch
     images = images.to(device, non_blocking=True)
     target = target.to(device, non_blocking=True)
-    x = color_normalize(images, info[:, 3].to(device), info[:, 4].to(device), MEAN, STD)  # colour aug on the device
+    info = info.to(device, non_blocking=True)    # whole (pinned) and asynchronous; a column alone would block
+    x = color_normalize(images, info[:, 3], info[:, 4], MEAN, STD)  # colour aug on the device
     buffers = [b.clone() for b in model.buffers()]
     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
         out = model(x)
