@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -118,27 +120,45 @@ def check_export(path: str | Path, model: torch.nn.Module, inputs: Tensor, atol:
 def main(argv: list[str] | None = None) -> dict:
     """Run the command line; returns ``{"output", "opset", "max_abs_diff" (None when not checked)}``."""
     args = parse_args(argv)
-    model, cfg, class_names = load_detector(args.checkpoint)
     output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-    export_onnx(model, output, class_names, args.opset)
+    if output.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--output {output} is the checkpoint itself: refusing to overwrite it")
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    model, cfg, class_names = load_detector(args.checkpoint)
+    # Written beside the output and renamed over it only once exported (and checked): a failed
+    # export or check leaves no file, and never half of one, under the output's name.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        export_onnx(model, tmp, class_names, args.opset)
+        result = {"output": str(output), "opset": args.opset, "max_abs_diff": None}
+        checked = args.check
+        if checked:
+            try:
+                import onnxruntime  # noqa: F401 - only to know whether the check can run
+            except ImportError:
+                checked = False
+        if checked:
+            gen = torch.Generator().manual_seed(0)
+            worst = 0.0
+            for n in (1, 3):
+                x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
+                worst = max(worst, check_export(tmp, model, x, args.atol, args.rtol))
+            result["max_abs_diff"] = worst
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"{args.checkpoint} -> {output} ({output.stat().st_size / 1e6:.1f} MB, ONNX opset {args.opset}): "
           f"input images (N, 3, {cfg.image_size}, {cfg.image_size}) float32 normalised, "
           f"output predictions (N, {cfg.S}, {cfg.S}, {cfg.cell_dim}); N dynamic")
-    result = {"output": str(output), "opset": args.opset, "max_abs_diff": None}
-    if args.check:
-        try:
-            import onnxruntime  # noqa: F401 - only to know whether the check can run
-        except ImportError:
-            print("onnxruntime is not installed (pip install -r requirements-dev.txt): export not checked")
-            return result
-        gen = torch.Generator().manual_seed(0)
-        worst = 0.0
-        for n in (1, 3):
-            x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
-            worst = max(worst, check_export(output, model, x, args.atol, args.rtol))
-        result["max_abs_diff"] = worst
-        print(f"checked with onnxruntime on random batches of 1 and 3: max |onnx - torch| = {worst:.2e} "
-              f"(tolerance {args.atol} + {args.rtol} x |torch|)")
+    if args.check and not checked:
+        print("onnxruntime is not installed (pip install -r requirements-dev.txt): export not checked")
+    elif checked:
+        print(f"checked with onnxruntime on random batches of 1 and 3: max |onnx - torch| = "
+              f"{result['max_abs_diff']:.2e} (tolerance {args.atol} + {args.rtol} x |torch|)")
     return result
 
 

@@ -94,6 +94,27 @@ def test_check_fails_for_a_different_model(tmp_path):
         export.check_export(path, other, x)
 
 
+def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tmp_path):
+    ckpt = tmp_path / "m.pt"
+    _model_with_statistics(ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="is the checkpoint itself"):
+        export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "." / "m.pt")])
+    named_onnx = tmp_path / "weights.onnx"            # a checkpoint named *.onnx: the default output is itself
+    named_onnx.write_bytes(before)
+    with pytest.raises(ValueError, match="is the checkpoint itself"):
+        export.main(["--checkpoint", str(named_onnx)])
+    with pytest.raises(ValueError, match="is a folder"):
+        export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path)])
+    # a check that fails (a negative tolerance) leaves no file under the output's name, nor a temporary
+    with pytest.raises(AssertionError, match="differs from PyTorch"):
+        export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out.onnx"), "--atol", "-1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "weights.onnx"]
+    assert ckpt.read_bytes() == before == named_onnx.read_bytes()
+    res = export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out.onnx")])
+    assert res["max_abs_diff"] is not None and (tmp_path / "out.onnx").stat().st_size > 0
+
+
 def test_export_refuses_a_classifier_checkpoint(tmp_path):
     from utils import save_checkpoint
     save_checkpoint({"model": {}, "model_config": {}}, tmp_path / "cls.pt")
