@@ -34,7 +34,8 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import ShardSampler, cleanup_distributed, load_checkpoint, predict, setup_distributed, to_channels_last
+from utils import (ShardSampler, cleanup_distributed, load_checkpoint, predict, require_checkpoint, setup_distributed,
+                   to_channels_last)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -280,10 +281,7 @@ def load_model(path: str | Path, class_names: Sequence[str] | None = None, data:
     data's (``class_names``; None takes the checkpoint's own) or its weights do not fit its own
     model config."""
     ckpt = load_checkpoint(path)
-    missing = [k for k in ("model", "model_config", "class_names") if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}; is it a train_detector.py checkpoint? "
-                         "(pretrainer.py checkpoints hold a classifier, not a detector)")
+    require_checkpoint(ckpt, path, "train_detector.py", ("model", "model_config", "class_names"))
     saved = list(ckpt["class_names"])
     if class_names is not None and saved != list(class_names):
         trained_on = (ckpt.get("config") or {}).get("data")

@@ -47,7 +47,7 @@ from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
                    check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
-                   print_problems, save_checkpoint, sum_over_ranks,
+                   load_weights, print_problems, require_checkpoint, save_checkpoint, sum_over_ranks,
                    reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
                    to_channels_last)
 
@@ -445,6 +445,7 @@ def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.devic
     under torchrun, so that a checkpoint's top-1 / top-5 can be reproduced without training."""
     is_main = rank == 0
     ckpt = load_checkpoint(cfg.evaluate)
+    require_checkpoint(ckpt, cfg.evaluate, "pretrainer.py", ("model", "config", "model_config", "class_names"))
     trained = ckpt["config"]
     # The view the network was trained for comes from the checkpoint; this command sets the rest.
     cfg = replace(cfg, image_size=trained["image_size"], mean=list(trained["mean"]), std=list(trained["std"]))
@@ -455,7 +456,7 @@ def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.devic
         raise ValueError(f"{cfg.evaluate} was trained on {len(ckpt['class_names'])} other classes "
                          f"(first {ckpt['class_names'][:3]}), not the {len(data.class_names)} of {data.root}")
     model = Classifier(YoloConfig(**ckpt["model_config"]), len(data.class_names)).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], cfg.evaluate)
     if cfg.channels_last:
         to_channels_last(model)   # the images stay NCHW (see to_channels_last)
     per_proc = cfg.batch_size // world
@@ -562,11 +563,13 @@ def main(argv: list[str] | None = None) -> dict:
     resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
     if resume_path is not None and (resume_path.exists() or cfg.resume != "auto"):
         ckpt = load_checkpoint(resume_path)
+        require_checkpoint(ckpt, resume_path, "pretrainer.py", ("model", "optimizer", "scheduler", "scaler", "state",
+                                                                 "model_config", "class_names", "rng"))
         check_config_compatible(ckpt["model_config"], model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on {len(ckpt['class_names'])} other classes "
                              f"(first {ckpt['class_names'][:3]}), not the {len(class_names)} of {data.root}")
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:   # empty when saved without fp16 (CPU, bf16 GPU): a fresh scaler then

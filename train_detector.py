@@ -34,8 +34,8 @@ from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backb
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    all_ranks, autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
-                   reuse_freed_memory, seed_everything, set_rng_state, setup_distributed, sum_over_ranks,
-                   to_channels_last)
+                   require_checkpoint, reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
+                   sum_over_ranks, load_weights, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -54,6 +54,7 @@ RECIPES = {
                  head_stride=1, cache_images=True, channels_last=True, jitter=0.1, hsv=1.25),
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim", "head_stride")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "model_config", "class_names", "rng")
 
 
 @dataclass
@@ -414,9 +415,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = YOLOv1(model_cfg).to(device)
     if cfg.backbone:
         ckpt = load_checkpoint(cfg.backbone)
-        load_backbone(model, ckpt["model"], source=cfg.backbone)
+        if "model" not in ckpt:
+            raise ValueError(f"checkpoint {cfg.backbone} lacks 'model': not a pretrainer.py (or train_detector.py) "
+                             "checkpoint")
+        averaged = bool(ckpt.get("ema"))   # a detector's checkpoint: its weight average, the weights it is used with
+        load_backbone(model, ckpt["ema"]["module"] if averaged else ckpt["model"], source=cfg.backbone)
         if is_main:
-            print(f"backbone initialised from {cfg.backbone}")
+            print(f"backbone initialised from {cfg.backbone}{' (its weight average)' if averaged else ''}")
     if cfg.channels_last:
         to_channels_last(model)   # the images stay NCHW (see to_channels_last)
     params, flops = count_params_flops(model, cfg.image_size)
@@ -437,11 +442,12 @@ def main(argv: list[str] | None = None) -> dict:
     ema_state = None
     if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
         ckpt = load_checkpoint(resume_path)
+        require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
         saved_cfg = YoloConfig(**ckpt["model_config"]).to_dict()   # keys added since it was saved take their defaults
         check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on classes {ckpt['class_names']}, not {list(class_names)}")
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:   # empty when saved without fp16 (CPU, bf16 GPU): a fresh scaler then
@@ -456,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     # built from the (resumed) weights, then given the checkpoint's average when it has one.
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema and ema_state:
+        load_weights(ema.module, ema_state["module"], resume_path, "weight-average")
         ema.load_state_dict(ema_state)
     raw_model = model
     if world > 1:

@@ -142,8 +142,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (never unpickles code); clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is an empty file (0 bytes)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
@@ -153,6 +157,38 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
+
+
+SCRIPT_KEYS = {   # what each training script's checkpoints always hold
+    "train_detector.py": ("model", "optimizer", "scheduler", "scaler", "state", "ema", "config", "model_config",
+                          "class_names", "rng"),
+    "pretrainer.py": ("model", "optimizer", "scheduler", "scaler", "state", "config", "model_config", "class_names",
+                      "class_labels", "rng"),
+}
+
+
+def require_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, script: str,
+                       keys: tuple[str, ...] | None = None) -> None:
+    """Raise ``ValueError`` naming ``path`` unless ``ckpt`` holds ``keys`` (default: all that
+    ``script`` saves), saying which script's checkpoint it looks like when it is the other one's."""
+    missing = [k for k in (keys or SCRIPT_KEYS[script]) if k not in ckpt]
+    other = next((name for name, need in SCRIPT_KEYS.items() if name != script and all(k in ckpt for k in need)), None)
+    if other:
+        use = ("; use it with train_detector.py --backbone to start a detector from its backbone"
+               if other == "pretrainer.py" else "")
+        raise ValueError(f"checkpoint {path} is a {other} checkpoint, not a {script} one{use}")
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}: it is not a complete {script} checkpoint")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, Tensor], path: str | os.PathLike, what: str = "model") -> None:
+    """``module.load_state_dict(state)`` (strict), with a mismatch reported as one ``ValueError``
+    that names ``path`` and the first differing tensors."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = "\n  ".join(line.strip() for line in str(e).splitlines()[1:6] if line.strip())
+        raise ValueError(f"checkpoint {path}: its {what} weights do not fit this model:\n  {detail}") from None
 
 
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], source: str) -> None:

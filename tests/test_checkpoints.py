@@ -1,0 +1,42 @@
+"""Checkpoints that are not what a script expects: one ValueError naming the file and the problem."""
+import pytest
+import torch
+
+import evaluate
+import pretrainer
+import train_detector
+from helpers import TINY, tiny_voc
+from utils import SCRIPT_KEYS, load_checkpoint, save_checkpoint
+
+
+def test_folder_and_empty_file_are_named_as_such(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt is an empty file \(0 bytes\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+
+
+def test_the_other_scripts_checkpoint_is_named(tmp_path):
+    cls = tmp_path / "cls.pt"
+    save_checkpoint({k: {} for k in SCRIPT_KEYS["pretrainer.py"]}, cls)
+    with pytest.raises(ValueError, match="cls.pt is a pretrainer.py checkpoint, not a train_detector.py one; "
+                                         "use it with train_detector.py --backbone"):
+        evaluate.load_model(cls)
+    det = tmp_path / "det.pt"
+    save_checkpoint({k: {} for k in SCRIPT_KEYS["train_detector.py"]}, det)
+    with pytest.raises(ValueError, match="det.pt is a train_detector.py checkpoint, not a pretrainer.py one"):
+        pretrainer.main(["--data", "demo", "--evaluate", str(det), "--device", "cpu", "--workers", "0"])
+
+
+def test_resume_with_weights_of_the_wrong_shape_names_the_file(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    out = tmp_path / "run"
+    args = ["--data", "demo", *TINY, "--data-root", str(root), "--out-dir", str(out)]
+    train_detector.main([*args, "--epochs", "1"])
+    ckpt = load_checkpoint(out / "last.pt")
+    key = "head.fc2.bias"
+    ckpt["model"][key] = torch.zeros(ckpt["model"][key].numel() + 1)
+    save_checkpoint(ckpt, out / "last.pt")
+    with pytest.raises(ValueError, match=rf"last.pt: its model weights do not fit this model:\n  .*{key}"):
+        train_detector.main([*args, "--epochs", "2", "--resume", "auto"])
