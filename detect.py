@@ -36,7 +36,7 @@ from tqdm import tqdm
 import draw
 from dataset import MEAN, STD, DataError, color_normalize, read_image, warp_image
 from model import YoloConfig, YOLOv1
-from utils import autocast_dtype, decode_predictions
+from utils import autocast_dtype, decode_predictions, parse_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")   # what torchvision.io decodes
 
@@ -204,6 +204,8 @@ def claim_out_dir(out_dir: str, name: str) -> Path:
     that does not exist, created atomically (two runs started together get different folders)."""
     if out_dir:
         path = Path(out_dir)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out-dir {path} is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
         return path
     base = Path("runs/detect") / name
@@ -248,7 +250,7 @@ def save_image(image, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the command line; returns the summary that detections.json holds."""
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = parse_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} was asked for but CUDA is not available")
     files = find_images(args.sources)

@@ -92,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1, --workers and --max-det >= 0")
     if not 0.0 <= args.iou_threshold < 1.0 or not 0.0 <= args.nms_iou <= 1.0:
         p.error("--iou-threshold must be in [0, 1) and --nms-iou in [0, 1]")
+    if not 0.0 <= args.conf_threshold <= 1.0:
+        p.error(f"--conf-threshold must be in [0, 1], got {args.conf_threshold}")
+    if args.json and Path(args.json).is_dir():   # found now, not after the whole evaluation
+        p.error(f"--json {args.json} is a folder; give a file name")
     return args
 
 

@@ -205,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         p.error(f"--min-scale must be in (0, 1], got {cfg.min_scale}")
     if any(s <= 0 for s in cfg.std):
         p.error(f"--std must be positive, got {cfg.std}")
+    if (cfg.workers is not None and cfg.workers < 0) or cfg.threads < 0:
+        p.error(f"--workers and --threads must be >= 0, got {cfg.workers} and {cfg.threads}")
     return cfg
 
 

@@ -192,6 +192,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error("--batch-size, --epochs and --lr must be positive")
     if not (0 <= cfg.jitter < 1 and cfg.hsv >= 1):
         p.error(f"--jitter must be in [0, 1) and --hsv at least 1, got {cfg.jitter} and {cfg.hsv}")
+    if not (0 <= cfg.conf_threshold <= 1 and 0 <= cfg.nms_iou <= 1):
+        p.error(f"--conf-threshold and --nms-iou must be in [0, 1], got {cfg.conf_threshold} and {cfg.nms_iou}")
+    if min(cfg.workers, cfg.max_det, cfg.save_every_steps) < 0 or min(cfg.eval_interval, cfg.log_interval,
+                                                                       cfg.max_bad_steps) < 1:
+        p.error("--workers, --max-det and --save-every-steps must be >= 0; --eval-interval, --log-interval and "
+                "--max-bad-steps >= 1")
+    try:   # the model flags, checked now rather than after the data is read (C is the data's)
+        YoloConfig(S=cfg.S, B=cfg.B, image_size=cfg.image_size, variant=cfg.variant, width=cfg.width,
+                   fc_dim=cfg.fc_dim, dropout=cfg.dropout, head_stride=cfg.head_stride)
+    except ValueError as e:
+        p.error(f"model flags (-S, -B, --image-size, --variant, --width, --fc-dim, --dropout, --head-stride): {e}")
     return cfg
 
 

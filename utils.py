@@ -239,6 +239,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def parse_device(device_arg: str) -> torch.device:
+    """``--device``: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; anything else is a
+    ``ValueError`` naming the flag."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device_arg!r}")
+    return device
+
+
 def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
     """Initialise torch.distributed when launched by torchrun (``WORLD_SIZE`` set).
 
@@ -247,9 +261,7 @@ def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device = parse_device(device_arg)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but CUDA is not available")

@@ -40,3 +40,14 @@ def test_resume_with_weights_of_the_wrong_shape_names_the_file(tmp_path):
     save_checkpoint(ckpt, out / "last.pt")
     with pytest.raises(ValueError, match=rf"last.pt: its model weights do not fit this model:\n  .*{key}"):
         train_detector.main([*args, "--epochs", "2", "--resume", "auto"])
+
+
+def test_output_paths_that_cannot_be_written_are_refused_first(tmp_path, capsys):
+    import detect
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="--out-dir .*f.txt is a file, not a folder"):
+        detect.claim_out_dir(str(a_file), "x")
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--bench", "--json", str(tmp_path)])
+    assert "is a folder; give a file name" in capsys.readouterr().err

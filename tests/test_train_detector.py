@@ -368,3 +368,27 @@ def test_lr_schedules_warm_up_then_step_or_decay_to_zero():
     assert f(2.5, lin) == f(2.5, cos) == f(2.5, voc)                                   # same warm-up
     with pytest.raises(SystemExit):
         train_detector.parse_args(["--data", "demo", "--lr-schedule", "exp"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--conf-threshold", "2"], "--conf-threshold and --nms-iou must be in [0, 1]"),
+    (["--nms-iou", "5"], "--conf-threshold and --nms-iou must be in [0, 1]"),
+    (["--workers", "-5"], "--workers, --max-det and --save-every-steps must be >= 0"),
+    (["--max-det", "-1"], "--workers, --max-det and --save-every-steps must be >= 0"),
+    (["--eval-interval", "-1"], "--eval-interval, --log-interval and --max-bad-steps >= 1"),
+    (["--image-size", "65"], "image_size must be a multiple of 32"),
+    (["--width", "-1"], "width must be in"),
+])
+def test_bad_flag_values_stop_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_detector.parse_args(["--data", "demo", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_device_is_named():
+    from utils import parse_device
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        parse_device("gpu")
+    with pytest.raises(ValueError, match="got 'meta'"):
+        parse_device("meta")
+    assert parse_device("cpu") == torch.device("cpu")
