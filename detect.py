@@ -36,7 +36,7 @@ from tqdm import tqdm
 import draw
 from dataset import MEAN, STD, DataError, color_normalize, read_image, warp_image
 from model import YoloConfig, YOLOv1
-from utils import autocast_dtype, decode_predictions, parse_device
+from utils import autocast_dtype, decode_predictions, parse_device, run_cli
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")   # what torchvision.io decodes
 
@@ -335,4 +335,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from dataset import MEAN, STD
 from model import YoloConfig, YOLOv1
+from utils import run_cli
 
 DEFAULT_OPSET = 17
 ATOL, RTOL = 1e-4, 1e-3   # float32 kernels of two runtimes differ in summation order, not more
@@ -163,4 +164,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -47,7 +47,7 @@ from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
                    check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
-                   load_weights, print_problems, require_checkpoint, save_checkpoint, sum_over_ranks,
+                   load_weights, print_problems, require_checkpoint, run_cli, save_checkpoint, sum_over_ranks,
                    reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
                    to_channels_last)
 
@@ -684,4 +684,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main()["exit_code"])
+    sys.exit(run_cli(main)["exit_code"])

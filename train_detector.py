@@ -35,7 +35,7 @@ from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, Shard
                    all_ranks, autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
                    require_checkpoint, reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
-                   sum_over_ranks, load_weights, to_channels_last)
+                   run_cli, sum_over_ranks, load_weights, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -587,4 +587,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

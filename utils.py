@@ -16,9 +16,10 @@ import math
 import os
 import random
 import signal
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -237,6 +238,19 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def run_cli(main: Callable[[], Any]) -> Any:
+    """Run a script's ``main()``. Bad input (a ``ValueError`` such as ``dataset.DataError``, a missing
+    or misplaced file) ends with one line, ``<script>: error: <message>``, and exit status 1 instead
+    of a traceback; ``YOLO_TRACEBACK=1`` in the environment shows the traceback too."""
+    try:
+        return main()
+    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+        if os.environ.get("YOLO_TRACEBACK"):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def parse_device(device_arg: str) -> torch.device:

@@ -51,3 +51,17 @@ def test_output_paths_that_cannot_be_written_are_refused_first(tmp_path, capsys)
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--bench", "--json", str(tmp_path)])
     assert "is a folder; give a file name" in capsys.readouterr().err
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "export.py"), "--checkpoint", str(tmp_path / "missing.pt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"export.py: error: checkpoint {tmp_path / 'missing.pt'} does not exist"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "YOLO_TRACEBACK": "1"})
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "does not exist" in proc.stderr
