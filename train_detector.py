@@ -536,7 +536,9 @@ def main(argv: list[str] | None = None) -> dict:
             if writer:
                 writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
             if is_main:
-                print(f"epoch {epoch + 1}: train {format_loss(losses)}")
+                print(f"epoch {epoch + 1}: train {format_loss(losses)}"
+                      + (f" | {state['skipped_images']} unreadable training images skipped so far"
+                         if state["skipped_images"] else ""))
             if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
                 if world > 1 and ema:   # the average's BatchNorm statistics follow each process's own last
                     for b in ema.module.buffers():   # batches: evaluate (and save) rank 0's on every process
@@ -572,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         - np.round(r * pc["npos"]), precision=p, recall=r,
                                         global_step=state["step"], num_thresholds=len(r))
         metrics = {"metric": last_result["metric"], "final_map": last_result["map"], "best_map": state["best_map"],
-                   "epochs": state["epoch"], "history": history,
+                   "epochs": state["epoch"], "history": history, "skipped_images": state["skipped_images"],
+                   "skipped_steps": state["skipped_steps"],
                    "final_ap": {k: (None if math.isnan(v) else v) for k, v in last_result["ap"].items()}}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(f"final mAP ({last_result['metric']}): {last_result['map']:.4f} | best: {state['best_map']:.4f} "
@@ -583,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_file.close()
     cleanup_distributed()
     return {"out_dir": str(out_dir), "best_map": state["best_map"],
-            "final_map": last_result["map"] if last_result else None}
+            "final_map": last_result["map"] if last_result else None, "skipped_images": state["skipped_images"]}
 
 
 if __name__ == "__main__":

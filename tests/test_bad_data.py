@@ -1,5 +1,6 @@
 """Every kind of broken input in one VOC tree: reported by file and reason, never fatal, never silent."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -117,3 +118,5 @@ def test_training_completes_on_bad_data(bad_tree, tmp_path):
     assert res["final_map"] is not None
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["state"]["skipped_images"] >= 1         # the truncated / zero-byte / bomb images
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert res["skipped_images"] == metrics["skipped_images"] == ckpt["state"]["skipped_images"]
