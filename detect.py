@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"skipped {len(skipped)} unreadable file(s):")
         for s in skipped:
             print(f"  {s['error']}")
+        if not images_out:
+            raise DataError(f"none of the {len(skipped)} input file(s) could be read (listed above and in "
+                            f"{out_dir / 'detections.json'})")
     return summary
 
 

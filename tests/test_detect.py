@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import detect
 import draw
-from dataset import VOCDetection, collate_skip_none, read_image
+from dataset import DataError, VOCDetection, collate_skip_none, read_image
 from model import YoloConfig, YOLOv1
 from utils import predict, save_checkpoint
 
@@ -89,6 +89,18 @@ def test_find_images(tmp_path):
         detect.find_images([str(tmp_path / "nothere.jpg")])
     with pytest.raises(FileNotFoundError, match="matches no image"):
         detect.find_images([str(tmp_path / "imgs" / "*.bmp")])
+
+
+def test_no_readable_input_is_an_error_after_the_record(tmp_path):
+    ckpt = tmp_path / "run" / "best.pt"
+    make_checkpoint(ckpt)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="none of the 1 input file"):
+        run(["--checkpoint", ckpt, tmp_path / "imgs", "--out-dir", out])
+    saved = json.loads((out / "detections.json").read_text())    # what was skipped is still written down
+    assert saved["num_images"] == 0 and [s["file"] for s in saved["skipped"]] == [str(tmp_path / "imgs" / "a.jpg")]
 
 
 def test_detect_outputs_match_hand_computed(tmp_path):
