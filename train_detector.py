@@ -33,9 +33,9 @@ from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    all_ranks, autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
-                   format_loss, load_checkpoint, make_optimizer, predict, print_problems, rng_state, save_checkpoint,
-                   require_checkpoint, reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
-                   run_cli, sum_over_ranks, load_weights, to_channels_last)
+                   format_loss, load_checkpoint, load_weights, make_optimizer, predict, print_problems,
+                   require_checkpoint, reuse_freed_memory, rng_state, run_cli, save_checkpoint, seed_everything,
+                   set_rng_state, setup_distributed, sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
