@@ -429,11 +429,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_score = time.perf_counter() - t0
     summary = summarize(result, set=args.set, data_root=str(root), source={"checkpoint": str(args.checkpoint)},
                         num_images=len(ds), num_detections=int(sum(len(p[2]) for p in preds)),
+                        unreadable_images=len(ds) - len(preds),
                         thresholds={"conf_threshold": args.conf_threshold, "nms_iou": args.nms_iou,
                                     "max_det": max_det},
                         seconds={"annotations": t_ann, "predict": t_pred, "score": t_score})
     if is_main:
         print(f"predicted {summary['num_detections']} detections of {len(preds)} images in {t_pred:.1f}s")
+        if len(preds) < len(ds):
+            print(f"{len(ds) - len(preds)} of the {len(ds)} images could not be read (named in the warnings above): "
+                  "their objects count as missed")
         if args.save_results:
             write_results_dir(args.save_results, dets, class_names, split, args.results_prefix)
             print(f"result files: {Path(args.save_results) / f'{args.results_prefix}{split}_<class>.txt'}")

@@ -83,7 +83,7 @@ def test_end_to_end_random_model_and_round_trip(demo, random_ckpt, tmp_path, cap
                          "--save-results", str(res), "--json", str(js), "--max-det", "40", *RUN])
     printed = capsys.readouterr().out
     assert "VOC07 11-point AP@0.5" in printed and "mAP" in printed
-    assert out["metric"] == "VOC07 11-point AP@0.5" and out["num_images"] == 6
+    assert out["metric"] == "VOC07 11-point AP@0.5" and out["num_images"] == 6 and out["unreadable_images"] == 0
     assert set(out["ap"]) == set(DEMO_CLASSES) and out["thresholds"]["max_det"] == 40
     assert 0 < out["map"] < 0.5
     # result files: one per class, each line id, score, 1-based box inside the image
@@ -115,6 +115,20 @@ def test_end_to_end_random_model_and_round_trip(demo, random_ckpt, tmp_path, cap
     area_back = evaluate.main(["--results", str(res), "--data", "demo", "--data-root", str(demo), "--metric", "area",
                                "--annotation-cache", ""])
     assert area["metric"] == "VOC area AP@0.5" and area_back["map"] == area["map"] != out["map"]
+
+
+def test_unreadable_test_images_are_counted(demo, random_ckpt, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "demo"
+    shutil.copytree(demo, root)
+    images = sorted((root / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))
+    test_ids = (root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()
+    broken = next(p for p in images if p.stem in test_ids)
+    broken.write_bytes(broken.read_bytes()[:200])                     # truncated
+    with pytest.warns(UserWarning, match=broken.name):
+        out = evaluate.main(["--checkpoint", str(random_ckpt), "--data", "demo", "--data-root", str(root), *RUN])
+    assert out["unreadable_images"] == 1 and out["num_images"] == 6
+    assert "1 of the 6 images could not be read" in capsys.readouterr().out
 
 
 def test_constant_model_detections_by_hand(demo, tmp_path):
