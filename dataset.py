@@ -310,8 +310,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def read_image(path: Path) -> Tensor:
-    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, palette, 16-bit, CMYK, alpha and
-    EXIF rotation handled; zero-byte, non-image, corrupt, truncated and oversized (decompression
+    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, palette, 16-bit, CMYK, alpha,
+    EXIF rotation and animation (the first frame) handled; zero-byte, non-image, corrupt, truncated and oversized (decompression
     bomb) files raise :class:`DataError` naming the file. PNGs (any extension) are decoded by PIL,
     the rest by torchvision.io."""
     try:
@@ -332,7 +332,7 @@ def read_image(path: Path) -> Tensor:
             img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, UserWarning) as e:
         raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
-    return img
+    return img[0] if img.ndim == 4 else img       # an animated GIF: (frames, 3, H, W); its first frame
 
 
 def decode_png_pil(data: Tensor, path: Path) -> Tensor:

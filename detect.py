@@ -221,13 +221,14 @@ def claim_out_dir(out_dir: str, name: str) -> Path:
 
 def output_name(path: Path, used: set[str]) -> str:
     """File name of a drawn image: the source's stem with .png kept for PNG and .jpg otherwise,
-    ``-2``, ``-3`` ... appended when two sources share a name."""
+    ``-2``, ``-3`` ... appended when two sources share a stem (``a.jpg`` and ``a.png`` too: the
+    label file, ``labels/<stem>.txt``, must be unique as well)."""
     suffix = ".png" if path.suffix.lower() == ".png" else ".jpg"
-    name, k = f"{path.stem}{suffix}", 2
-    while name.lower() in used:
-        name, k = f"{path.stem}-{k}{suffix}", k + 1
-    used.add(name.lower())
-    return name
+    stem, k = path.stem, 2
+    while stem.lower() in used:
+        stem, k = f"{path.stem}-{k}", k + 1
+    used.add(stem.lower())
+    return f"{stem}{suffix}"
 
 
 def detections_to_json(det: dict[str, Tensor], class_names: Sequence[str]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 hand-computed ones, outputs (drawn images, JSON, txt), filters, skipped files, numbering."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,18 @@ def test_no_readable_input_is_an_error_after_the_record(tmp_path):
         run(["--checkpoint", ckpt, tmp_path / "imgs", "--out-dir", out])
     saved = json.loads((out / "detections.json").read_text())    # what was skipped is still written down
     assert saved["num_images"] == 0 and [s["file"] for s in saved["skipped"]] == [str(tmp_path / "imgs" / "a.jpg")]
+
+
+def test_output_names_unique_by_stem_and_animated_gif_first_frame(tmp_path):
+    used: set[str] = set()
+    names = [detect.output_name(Path(p), used) for p in ("x/a.jpg", "x/a.png", "y/a.jpeg", "y/b.JPG")]
+    assert names == ["a.jpg", "a-2.png", "a-3.jpg", "b.jpg"]          # labels/a.txt, a-2.txt, a-3.txt: no clash
+    frames = [Image.fromarray(np.full((20, 30, 3), v, np.uint8)) for v in (10, 120, 240)]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    image = read_image(gif)
+    assert image.shape == (3, 20, 30) and int(image.float().mean().round()) == 10      # the first frame
+    assert detect.preprocess(image, 64).shape == (3, 64, 64)
 
 
 def test_detect_outputs_match_hand_computed(tmp_path):
