@@ -35,8 +35,7 @@ from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, ima
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
 from utils import (ShardSampler, cleanup_distributed, load_checkpoint, predict, require_checkpoint, run_cli,
-                   setup_distributed,
-                   to_channels_last)
+                   setup_distributed, to_channels_last)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 

@@ -46,9 +46,9 @@ from dataset import MEAN, STD, collate_skip_none, color_normalize
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, load_checkpoint, make_optimizer, rng_state,
+                   check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, make_optimizer,
                    load_weights, print_problems, require_checkpoint, run_cli, save_checkpoint, sum_over_ranks,
-                   reuse_freed_memory, seed_everything, set_rng_state, setup_distributed,
+                   restore_training_state, reuse_freed_memory, seed_everything, setup_distributed,
                    to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
@@ -574,11 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
         load_weights(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:   # empty when saved without fp16 (CPU, bf16 GPU): a fresh scaler then
-            scaler.load_state_dict(ckpt["scaler"])
         state.update(ckpt["state"])
-        per_rank = ckpt.get("rng_ranks")   # each process's own streams, when the process count is the same
-        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else ckpt["rng"])
+        restore_training_state(ckpt, scaler, rank, world)
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']} "
                   f"({state['step_in_epoch']} into the epoch)")
@@ -607,7 +604,7 @@ def main(argv: list[str] | None = None) -> dict:
                    for i in range(min(cfg.preview_images, len(val_set)))]
 
     def checkpoint(name: str) -> None:   # called by every process: the RNG states are gathered
-        rngs = all_gather_objects(rng_state())
+        rngs = gather_rng_states()
         if not is_main:
             return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -615,7 +612,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "state": {**state, "history": list(state["history"]),
                                    "epoch_meter": dict(state["epoch_meter"])},
                          "config": asdict(cfg), "model_config": model_cfg.to_dict(), "class_names": class_names,
-                         "class_labels": data.class_labels, "rng": rngs[0], "rng_ranks": rngs}, out_dir / name)
+                         "class_labels": data.class_labels, **rngs}, out_dir / name)
 
     # ---- the loop
     stopper = GracefulStop()

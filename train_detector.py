@@ -33,9 +33,9 @@ from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    all_ranks, autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
-                   format_loss, load_checkpoint, load_weights, make_optimizer, predict, print_problems,
-                   require_checkpoint, reuse_freed_memory, rng_state, run_cli, save_checkpoint, seed_everything,
-                   set_rng_state, setup_distributed, sum_over_ranks, to_channels_last)
+                   format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
+                   print_problems, require_checkpoint, restore_training_state, reuse_freed_memory, run_cli,
+                   save_checkpoint, seed_everything, setup_distributed, sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -199,11 +199,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error("--workers, --max-det and --save-every-steps must be >= 0; --eval-interval, --log-interval and "
                 "--max-bad-steps >= 1")
     try:   # the model flags, checked now rather than after the data is read (C is the data's)
-        YoloConfig(S=cfg.S, B=cfg.B, image_size=cfg.image_size, variant=cfg.variant, width=cfg.width,
-                   fc_dim=cfg.fc_dim, dropout=cfg.dropout, head_stride=cfg.head_stride)
+        model_config(cfg, C=20)
     except ValueError as e:
         p.error(f"model flags (-S, -B, --image-size, --variant, --width, --fc-dim, --dropout, --head-stride): {e}")
     return cfg
+
+
+def model_config(cfg: TrainConfig, C: int) -> YoloConfig:
+    """The detector the flags describe, for ``C`` classes (``ValueError`` for impossible flags)."""
+    return YoloConfig(S=cfg.S, B=cfg.B, C=C, image_size=cfg.image_size, variant=cfg.variant,
+                      batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
+                      head_stride=cfg.head_stride)
 
 
 def lr_factor(epoch: float, cfg: TrainConfig) -> float:
@@ -387,9 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not cfg.data_root:
             raise ValueError("--data voc needs --data-root (the folder holding VOCdevkit)")
         data_root, class_names = cfg.data_root, VOC_CLASSES
-    model_cfg = YoloConfig(S=cfg.S, B=cfg.B, C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
-                           batch_norm=bool(cfg.batch_norm), width=cfg.width, fc_dim=cfg.fc_dim, dropout=cfg.dropout,
-                           head_stride=cfg.head_stride)
+    model_cfg = model_config(cfg, C=len(class_names))
     train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
                              keep_difficult=cfg.keep_difficult, jitter=cfg.jitter, hsv=cfg.hsv, seed=cfg.seed,
                              cache_images=cfg.cache_images)
@@ -461,12 +465,9 @@ def main(argv: list[str] | None = None) -> dict:
         load_weights(model, ckpt["model"], resume_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:   # empty when saved without fp16 (CPU, bf16 GPU): a fresh scaler then
-            scaler.load_state_dict(ckpt["scaler"])
         ema_state = ckpt.get("ema")
         state.update(ckpt["state"])
-        per_rank = ckpt.get("rng_ranks")   # each process's own streams (dropout), when the process count is the same
-        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else ckpt["rng"])
+        restore_training_state(ckpt, scaler, rank, world)
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
     # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py;
@@ -495,14 +496,14 @@ def main(argv: list[str] | None = None) -> dict:
                 writer.add_text(f"data/{name}_report", "\n\n".join(f"`{w}`: {y}" for w, y in rep[:1000]), state["step"])
 
     def checkpoint(name: str) -> None:   # called by every process: the RNG states are gathered
-        rngs = all_gather_objects(rng_state())
+        rngs = gather_rng_states()
         if not is_main:
             return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
                          "ema": ema.state_dict() if ema else None,
                          "config": asdict(cfg), "model_config": model_cfg.to_dict(),
-                         "class_names": list(class_names), "rng": rngs[0], "rng_ranks": rngs}, out_dir / name)
+                         "class_names": list(class_names), **rngs}, out_dir / name)
 
     # ---- the loop
     history = []

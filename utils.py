@@ -192,6 +192,23 @@ def load_weights(module: torch.nn.Module, state: dict[str, Tensor], path: str | 
         raise ValueError(f"checkpoint {path}: its {what} weights do not fit this model:\n  {detail}") from None
 
 
+def gather_rng_states() -> dict[str, Any]:
+    """The checkpoint's RNG entries: ``rng_ranks``, every process's :func:`rng_state` (one
+    all-gather, so every process must call it), and ``rng``, rank 0's (what older code reads)."""
+    rngs = all_gather_objects(rng_state())
+    return {"rng": rngs[0], "rng_ranks": rngs}
+
+
+def restore_training_state(ckpt: dict[str, Any], scaler: torch.amp.GradScaler, rank: int, world: int) -> None:
+    """Resume's GradScaler and RNG part: the scaler's state unless it was saved empty (a run without
+    fp16: CPU, bf16 GPU; the scaler then starts fresh), and this process's own RNG streams (dropout)
+    when the checkpoint has them for the same number of processes, else rank 0's."""
+    if ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    per_rank = ckpt.get("rng_ranks")
+    set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else ckpt["rng"])
+
+
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
     """Raise ``ValueError`` naming every key in ``keys`` whose value differs between two configs."""
     diffs = [f"{k}: {saved.get(k)!r} in {source}, {current.get(k)!r} now" for k in keys if saved.get(k) != current.get(k)]
