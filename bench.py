@@ -567,33 +567,32 @@ def _optimizer(model: torch.nn.Module, recipe: dict, device: torch.device) -> to
 
 
 def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device: torch.device,
-                  host_reads: bool = True) -> Callable:
-    """One training step: ``train_detector.train_step`` itself (one host read per step, for the
-    finite check and the loss meters). ``host_reads=False`` is the same arithmetic without that
-    read and without the BatchNorm snapshot; the difference between the two rates is what they cost."""
+                  read_now: bool = False) -> Callable:
+    """One training step as train_detector.py takes it: ``train_detector.train_step``, whose record
+    (loss terms, finite, stepped) the host reads one step later, once the next step is queued.
+    ``read_now=True`` reads each record at once instead, a host sync per step that drains the GPU
+    queue: the difference between the two rates is what the late read saves."""
     from types import SimpleNamespace
     from train_detector import train_step
     amp_dtype = autocast_dtype(device)
     step_cfg = SimpleNamespace(amp=cfg.amp, clip_grad=0.0)
+    pending: list[Tensor] = []
 
     def step(images: Tensor, target: Tensor, info: Tensor) -> None:
-        if host_reads:
-            train_step(model, criterion, optimizer, scaler, (images, target, info), step_cfg, device, amp_dtype)
-            return
-        info = info.to(device, non_blocking=True)
-        x = color_normalize(images.to(device, non_blocking=True), info[:, 3], info[:, 4], MEAN, STD)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-            out = model(x)
-        terms = criterion(out.float(), target.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        record, _ = train_step(model, criterion, optimizer, scaler, (images, target, info), step_cfg, device,
+                               amp_dtype)
+        if pending:
+            pending.pop().tolist()
+        if read_now:
+            record.tolist()
+        else:
+            pending.append(record)
     return step
 
 
 def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.device) -> Callable:
-    """One training step: ``pretrainer.train_step`` itself (no colour jitter: the recipe's default)."""
+    """One training step as pretrainer.py takes it: ``pretrainer.train_step`` (no colour jitter: the
+    recipe's default), its record read one step later."""
     from types import SimpleNamespace
     from pretrainer import train_step
     amp_dtype = autocast_dtype(device)
@@ -602,10 +601,14 @@ def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.de
                   for b in m.buffers()]
     backup = [b.clone() for b in bn_buffers]
     step_cfg = SimpleNamespace(color_jitter=0.0, mean=MEAN, std=STD, amp=cfg.amp, clip_grad=0.0)
+    pending: list[Tensor] = []
 
     def step(images: Tensor, labels: Tensor, info: Tensor) -> None:
-        train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device, amp_dtype, params,
-                   bn_buffers, backup)
+        record = train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device, amp_dtype, params,
+                            bn_buffers, backup)
+        if pending:
+            pending.pop().tolist()
+        pending.append(record)
     return step
 
 
@@ -698,11 +701,12 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
     if not compiled:
         _memory_rows(report, section, "detector", device, "train_detector_peak_memory_gib", first_peak)
     if device.type == "cuda":
-        lean = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device, host_reads=False)
-        rate = _time_steps(lean, _cycle_device_batch(first, device), 2, cfg.steps, cfg.det_batch, device)
-        report.add(section, f"detector train {tag}on device, no per-step host reads", rate, "img/s",
-                   "the step without its finite check and loss meters: what those syncs cost",
-                   key=f"train_detector_{tag.strip() + '_' if compiled else ''}device_nosync_images_per_s")
+        eager_read = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device,
+                                   read_now=True)
+        rate = _time_steps(eager_read, _cycle_device_batch(first, device), 2, cfg.steps, cfg.det_batch, device)
+        report.add(section, f"detector train {tag}on device, record read at once", rate, "img/s",
+                   "each step's numbers read before the next is queued (a sync per step): what the late read saves",
+                   key=f"train_detector_{tag.strip() + '_' if compiled else ''}device_sync_images_per_s")
     # end to end: the goal (40% MFU from the DataLoader) is about this row, compiled or not
     rate = _loader_rate(step, ds, cfg.det_batch, cfg, device, seed=3 if compiled else 1)
     _report_training(report, section, "detector", f"{tag}end to end ({cfg.workers} workers)", rate, flops, peak, note,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -45,11 +44,11 @@ from tqdm import tqdm
 from dataset import MEAN, STD, collate_skip_none, color_normalize
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
-from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, all_ranks, autocast_dtype,
+from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
                    check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, make_optimizer,
                    load_weights, print_problems, require_checkpoint, run_cli, save_checkpoint, sum_over_ranks,
-                   restore_training_state, reuse_freed_memory, seed_everything, setup_distributed,
-                   to_channels_last)
+                   restore_training_state, restore_unless, reuse_freed_memory, seed_everything,
+                   setup_distributed, step_if_finite, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -229,13 +228,15 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: PretrainConfig) -> float:
 
 
 def train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params: list[Tensor],
-               bn_buffers: list[Tensor], backup: list[Tensor]) -> tuple[bool, float, float, float]:
-    """Forward, cross-entropy, backward and update on one ``(uint8 images, labels, info)`` batch.
+               bn_buffers: list[Tensor], backup: list[Tensor]) -> Tensor:
+    """Forward, cross-entropy, backward and update on one ``(uint8 images, labels, info)`` batch,
+    with no host read: the GPU is never left waiting for the CPU within a step.
 
-    Returns ``(bad, loss, grad_norm, correct)`` read from the device once. ``bad`` (a non-finite
-    loss on any process, or a non-finite gradient norm without fp16) means no optimizer step was
-    taken; the BatchNorm statistics are snapshotted into ``backup`` first so the caller can restore
-    them. With fp16 the GradScaler skips overflow steps itself."""
+    Returns the step's record, a float tensor on the device ``(loss, grad_norm, correct, finite,
+    stepped)`` (``RECORD``) that the loop reads one step later. A step whose loss (on any process)
+    or gradient norm is not finite changes nothing: :func:`utils.step_if_finite` skips the
+    optimizer step on the device, and the BatchNorm statistics (snapshotted into ``backup``) are
+    put back. With fp16 an overflow with a finite loss is the GradScaler's routine, not a bad step."""
     images, labels, info = batch
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
@@ -251,21 +252,13 @@ def train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params: 
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+    gnorm, finite, stepped = step_if_finite(optimizer, scaler, loss, params, cfg.clip_grad)
+    restore_unless(finite, bn_buffers, backup)
     correct = (logits.detach().argmax(1) == labels).sum()
-    loss_v, gnorm_v, correct_v = torch.stack([loss.detach(), gnorm.detach().float(), correct.float()]).tolist()
-    # One decision for all processes: gradients are all-reduced, losses are not.
-    loss_bad = not all_ranks(math.isfinite(loss_v))
-    if scaler.is_enabled():
-        scaler.step(optimizer)   # fp16: the scaler skips steps with inf/NaN gradients and lowers its scale
-        scaler.update()
-        bad = loss_bad           # an fp16 overflow with a finite loss is the scaler's routine, not a bad step
-    else:
-        bad = loss_bad or not math.isfinite(gnorm_v)
-        if not bad:
-            optimizer.step()
-    return bad, loss_v, gnorm_v, correct_v
+    return torch.stack([loss.detach(), gnorm, correct.float(), finite.float(), stepped.float()])
+
+
+RECORD = ("loss", "grad_norm", "correct", "finite", "stepped")   # what train_step returns
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainConfig, state: dict, device,
@@ -275,7 +268,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     top-1 (%) of the epoch's finite steps (summed in ``state``, so a mid-epoch resume keeps them).
     Non-finite steps never change the weights (nor the BatchNorm statistics): they are counted,
     logged and, after cfg.max_bad_steps in a row, stop training. Unreadable images (dropped from
-    their batch by collate_skip_none) are counted over all processes in ``state['skipped_images']``."""
+    their batch by collate_skip_none) are counted over all processes in ``state['skipped_images']``.
+    Each step's record is read on the host only after the next step has been queued, so that the
+    GPU always has work while the host waits for the numbers."""
     model.train()
     amp_dtype = autocast_dtype(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -286,6 +281,39 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
+
+    def settle(record: Tensor | None, n: int, step: int, lr: float) -> None:
+        """The host's part of step ``step``: its record read back, the meters, counts and logs."""
+        v = dict(zip(RECORD, record.tolist())) if record is not None else None
+        if v and not v["finite"]:
+            state["bad_steps"] += 1
+            state["skipped_steps"] += 1
+            if is_main:
+                tqdm.write(f"non-finite loss or gradient at step {step}: loss={v['loss']} "
+                           f"grad_norm={v['grad_norm']}; step skipped ({state['skipped_steps']} so far)")
+                if writer:
+                    writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
+                                         f"last loss={v['loss']}, grad_norm={v['grad_norm']}. The last good "
+                                         "checkpoint is intact.")
+        elif v:
+            state["bad_steps"] = 0
+            meter["loss_sum"] += v["loss"] * n
+            meter["correct"] += v["correct"]
+            meter["images"] += n
+        if is_main:
+            rate = seen * world / (time.perf_counter() - t0)
+            m = max(meter["images"], 1)
+            bar.set_postfix(loss=f"{meter['loss_sum'] / m:.3f}", top1=f"{100 * meter['correct'] / m:.1f}",
+                            lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if writer and v and step % cfg.log_interval == 0:
+                writer.add_scalar("train/loss", v["loss"], step)
+                writer.add_scalar("train/top1", 100.0 * v["correct"] / n, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/images_per_s", rate, step)
+
+    pending = None     # the previous step, settled once this one is queued
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
@@ -293,60 +321,32 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
         # them in each backward); the step still counts, so that the LR schedule and a resume stay aligned.
         dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)], device)
         state["skipped_images"] += int(dropped)
+        record = None
         if empty:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-                scheduler.step()
-            state["step"] += 1
-            state["step_in_epoch"] += 1
             if is_main:
-                tqdm.write(f"step {state['step']}: no readable image left in a process's batch (see the warnings "
+                tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the warnings "
                            f"above); step skipped by every process ({state['skipped_images']} images skipped so far)")
         else:
-            bad, loss_v, gnorm_v, correct_v = train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype,
-                                                         params, bn_buffers, backup)
-            with warnings.catch_warnings():
-                if bad:   # a skipped first step makes torch warn about the call order; the schedule follows steps taken
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-                scheduler.step()
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            seen += n
-            if bad:
-                for saved, b in zip(backup, bn_buffers):
-                    b.copy_(saved)
-                state["bad_steps"] += 1
-                state["skipped_steps"] += 1
-                if is_main:
-                    tqdm.write(f"non-finite loss or gradient at step {state['step']}: loss={loss_v} "
-                               f"grad_norm={gnorm_v}; step skipped ({state['skipped_steps']} so far)")
-                    if writer:
-                        writer.add_scalar("train/skipped_steps", state["skipped_steps"], state["step"])
-                if state["bad_steps"] >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
-                                             f"last loss={loss_v}, grad_norm={gnorm_v}. The last good checkpoint is "
-                                             "intact.")
-            else:
-                state["bad_steps"] = 0
-                meter["loss_sum"] += loss_v * n
-                meter["correct"] += correct_v
-                meter["images"] += n
-        if is_main:
-            rate = seen * world / (time.perf_counter() - t0)
-            lr = scheduler.get_last_lr()[0]
-            m = max(meter["images"], 1)
-            bar.set_postfix(loss=f"{meter['loss_sum'] / m:.3f}", top1=f"{100 * meter['correct'] / m:.1f}",
-                            lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-            if writer and not empty and state["step"] % cfg.log_interval == 0:
-                writer.add_scalar("train/loss", loss_v, state["step"])
-                writer.add_scalar("train/top1", 100.0 * correct_v / n, state["step"])
-                writer.add_scalar("train/lr", lr, state["step"])
-                writer.add_scalar("train/images_per_s", rate, state["step"])
+            record = train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params, bn_buffers, backup)
+        lr = scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():   # after a skipped first step torch warns about the call order;
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            scheduler.step()              # the schedule follows steps, taken or not
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        seen += n
+        if pending:
+            settle(*pending)
+        pending = (record, n, state["step"], lr)
         stop_now = stopper.requested()   # SIGTERM / SIGINT on any process: save at this step boundary, then stop
         if stop_now or (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0):
+            settle(*pending)
+            pending = None
             checkpoint_fn("last.pt")
         if stop_now:
             break
+    if pending:
+        settle(*pending)
     bar.close()
     images = max(meter["images"], 1)
     return {"loss": meter["loss_sum"] / images, "top1": 100 * meter["correct"] / images}

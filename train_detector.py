@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -32,10 +33,11 @@ from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
-                   all_ranks, autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
+                   autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
-                   print_problems, require_checkpoint, restore_training_state, reuse_freed_memory, run_cli,
-                   save_checkpoint, seed_everything, setup_distributed, sum_over_ranks, to_channels_last)
+                   print_problems, require_checkpoint, restore_training_state, restore_unless, reuse_freed_memory,
+                   run_cli, save_checkpoint, seed_everything, setup_distributed, step_if_finite, sum_over_ranks,
+                   to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -225,47 +227,36 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     return cfg.lr_gamma ** sum(epoch >= s for s in steps)
 
 
-def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device,
-               amp_dtype) -> tuple[bool, bool, dict]:
-    """Forward, loss, backward and update on one ``(uint8 images, target, info)`` batch.
+def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device, amp_dtype) -> tuple[Tensor, Tensor]:
+    """Forward, loss, backward and update on one ``(uint8 images, target, info)`` batch, with no
+    host read: the GPU is never left waiting for the CPU within a step.
 
-    Returns ``(finite, stepped, loss terms as floats)``, read from the device once per step. A
-    step whose loss (on any process) or gradient norm is not finite changes nothing: no optimizer
-    step (so weights and optimizer state stay as they were) and the BatchNorm statistics of its
-    forward pass are restored. Gradients are all-reduced under DDP, losses are not, so the loss
-    check is one decision for all processes. With fp16 the GradScaler skips inf/NaN gradient
-    steps itself and lowers its scale: with a finite loss that is its routine, not a bad step,
-    but ``stepped`` is False, so that the caller leaves the weight average alone.
+    Returns the step's record, a float tensor on the device ``(total, coord, obj, noobj, cls,
+    grad_norm, finite, stepped)`` that the loop reads one step later (``RECORD``), and ``stepped``
+    (a 0-dim bool tensor) for the weight average. A step whose loss (on any process) or gradient
+    norm is not finite changes nothing: :func:`utils.step_if_finite` skips the optimizer step on
+    the device, and the BatchNorm statistics of its forward pass are put back. With fp16 an
+    overflow with a finite loss is the GradScaler's routine: finite, but not stepped.
     """
     images, target, info = batch
     images = images.to(device, non_blocking=True)
     target = target.to(device, non_blocking=True)
     info = info.to(device, non_blocking=True)    # whole (pinned) and asynchronous; a column alone would block
     x = color_normalize(images, info[:, 3], info[:, 4], MEAN, STD)  # colour aug on the device
-    buffers = [b.clone() for b in model.buffers()]
+    buffers = list(model.buffers())
+    saved = [b.clone() for b in buffers]
     with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
         out = model(x)
     terms = criterion(out.float(), target)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(terms["total"]).backward()
-    scaler.unscale_(optimizer)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
-    *values, gnorm = torch.stack([*(t.detach() for t in terms.values()), gnorm.float()]).tolist()
-    vals = dict(zip(terms, values))
-    finite = all_ranks(math.isfinite(vals["total"])) and (scaler.is_enabled() or math.isfinite(gnorm))
-    stepped = finite
-    if scaler.is_enabled():
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        stepped = finite and scaler.get_scale() >= scale   # a lowered scale: the scaler skipped this step
-    elif finite:
-        optimizer.step()
-    if not finite:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-    return finite, stepped, vals
+    gnorm, finite, stepped = step_if_finite(optimizer, scaler, terms["total"], list(model.parameters()), cfg.clip_grad)
+    restore_unless(finite, buffers, saved)
+    losses = [terms[k].detach().float() for k in RECORD[:5]]
+    return torch.stack([*losses, gnorm, finite.float(), stepped.float()]), stepped
+
+
+RECORD = ("total", "coord", "obj", "noobj", "cls", "grad_norm", "finite", "stepped")   # what train_step returns
 
 
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg: TrainConfig, state: dict, device,
@@ -274,7 +265,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     """One pass over ``loader``. A step whose loss or gradient is not finite changes nothing (weights,
     optimizer state, BatchNorm statistics and the weight average ``ema`` are left as they were); it
     is logged and counted, and ``cfg.max_bad_steps`` of them in a row stop the run. Returns the
-    epoch's mean loss terms."""
+    epoch's mean loss terms.
+
+    Each step's record is read on the host (meters, counts, logs) only after the next step has been
+    queued, so that the GPU always has work while the host waits for the numbers."""
     model.train()
     amp_dtype = autocast_dtype(device)
     meters = {k: AverageMeter() for k in ("total", "coord", "obj", "noobj", "cls")}
@@ -282,6 +276,38 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
+
+    def settle(record: Tensor | None, n: int, step: int, lr: float) -> None:
+        """The host's part of step ``step``: its record read back, the meters, counts and logs."""
+        values = dict(zip(RECORD, record.tolist())) if record is not None else {}
+        vals = {k: values[k] for k in meters if k in values}
+        if values.get("finite", 1.0) and vals:
+            state["bad_steps"] = 0
+            for k, v in vals.items():
+                meters[k].update(v, n)
+        elif values:
+            state["bad_steps"] += 1
+            state["skipped_steps"] += 1
+            if is_main:
+                tqdm.write(f"non-finite loss or gradient at step {step}: {format_loss(vals)} "
+                           f"grad_norm={values['grad_norm']:.4g}; step skipped")
+            if writer:
+                writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
+                                         f"last loss terms: {format_loss(vals)}. The last good checkpoint is intact.")
+        if is_main:
+            rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{meters['total'].avg:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            if log_file:
+                log_file.write(json.dumps({"step": step, "epoch": state["epoch"], **vals}) + "\n")
+            if writer and step % cfg.log_interval == 0:
+                for k, v in vals.items():
+                    writer.add_scalar(f"train/loss_{k}", v, step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/images_per_s", rate, step)
+
+    pending = None     # the previous step, settled once this one is queued
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
@@ -289,51 +315,34 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
         # of them in each backward); the step still counts, so the LR schedule and a resume stay aligned.
         dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)], device)
         state["skipped_images"] += int(dropped)
+        record = None
         if empty:
-            finite, stepped, vals = True, False, {}
             if is_main:
                 tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the "
                            f"warnings above); step skipped by every process ({state['skipped_images']} images "
                            "skipped so far)")
         else:
-            finite, stepped, vals = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
-        if stepped and ema:
-            ema.update()
-        if finite and vals:
-            state["bad_steps"] = 0
-            for k, v in vals.items():
-                meters[k].update(v, n)
-        elif not finite:
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
-            if is_main:
-                tqdm.write(f"non-finite loss or gradient at step {state['step']}: {format_loss(vals)}; step skipped")
-            if writer:
-                writer.add_scalar("train/skipped_steps", state["skipped_steps"], state["step"])
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
-                                         f"last loss terms: {format_loss(vals)}. The last good checkpoint is intact.")
-        with warnings.catch_warnings():
-            if not stepped:   # a skipped first step makes torch warn about the call order; the schedule follows steps
-                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            scheduler.step()
+            record, stepped = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
+            if ema:
+                ema.update(stepped)
+        lr = scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():   # after a skipped first step torch warns about the call order;
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            scheduler.step()              # the schedule follows steps, taken or not
         state["step"] += 1
         state["step_in_epoch"] += 1
         seen += n
-        if is_main:
-            rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{meters['total'].avg:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
-            if log_file:
-                log_file.write(json.dumps({"step": state["step"], "epoch": state["epoch"], **vals}) + "\n")
-            if writer and state["step"] % cfg.log_interval == 0:
-                for k, v in vals.items():
-                    writer.add_scalar(f"train/loss_{k}", v, state["step"])
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state["step"])
-                writer.add_scalar("train/images_per_s", rate, state["step"])
+        if pending:
+            settle(*pending)
+        pending = (record, n, state["step"], lr)
         if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0:
+            settle(*pending)
+            pending = None
             checkpoint_fn("last.pt")
         if stopper.requested():
             break
+    if pending:
+        settle(*pending)
     bar.close()
     return {k: m.avg for k, m in meters.items()}
 

@@ -386,7 +386,7 @@ class ModelEMA:
     def __init__(self, source: torch.nn.Module, decay: float, ramp: float = 500.0) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.source, self.decay, self.ramp, self.updates = source, decay, ramp, 0
+        self.source, self.decay, self.ramp = source, decay, ramp
         self.module = copy.deepcopy(source).eval().requires_grad_(False)
         # Matching tensors of the copy and the source, paired once (both walk in the same order). The
         # pairs stay valid under in-place changes (optimizer steps, load_state_dict); build the
@@ -396,25 +396,38 @@ class ModelEMA:
         self._floats = ([e for e, _ in pairs if e.is_floating_point()],
                         [m for e, m in pairs if e.is_floating_point()])
         self._others = [(e, m) for e, m in pairs if not e.is_floating_point()]
+        device = pairs[0][0].device if pairs else torch.device("cpu")
+        self._updates = torch.zeros((), dtype=torch.float64, device=device)   # on the device: see update()
+
+    @property
+    def updates(self) -> int:
+        """Optimizer steps averaged in so far (a host read)."""
+        return int(self._updates.item())
 
     def current_decay(self) -> float:
         return self.decay * (1.0 - math.exp(-self.updates / self.ramp))
 
     @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        d = self.current_decay()
+    def update(self, stepped: Tensor | None = None) -> None:
+        """Average in the source's current weights. ``stepped`` (a 0-dim bool tensor, from
+        :func:`step_if_finite`) makes the update conditional on the optimizer having stepped: the
+        count and the weights then move only where it is true. The decision stays on the device,
+        like the step's own, so that training never waits for a host read."""
+        w = torch.ones_like(self._updates) if stepped is None else stepped.to(self._updates.dtype)
+        self._updates += w
+        d = self.decay * (1.0 - torch.exp(-self._updates / self.ramp))      # float64, as the host would
         if self._floats[0]:
-            torch._foreach_lerp_(*self._floats, 1.0 - d)
+            weight = ((1.0 - d) * w).float()                                  # 0 where not stepped: no change
+            torch._foreach_lerp_(*self._floats, [weight.to(e.dtype) for e in self._floats[0]])
         for e, m in self._others:
-            e.copy_(m)
+            e.copy_(m if stepped is None else torch.where(stepped, m, e))
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "ramp": self.ramp}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])
+        self._updates.fill_(int(state["updates"]))
 
 
 class AverageMeter:
@@ -521,15 +534,56 @@ class GracefulStop:
             signal.signal(s, h)
 
 
-def all_ranks(flag: Tensor | bool) -> bool:
-    """True when ``flag`` holds on every process (one all-reduce under torchrun), so that all ranks
-    take the same branch, e.g. skipping a step whose loss is NaN on one of them."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    t = torch.as_tensor(flag, dtype=torch.float32).reshape(1)
-    t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+def min_over_ranks(t: Tensor) -> Tensor:
+    """``t`` replaced, in place, by its element-wise minimum over all processes (itself without
+    torchrun), so that all processes take the same branch, e.g. skipping a step whose loss is NaN
+    on one of them. Nothing is read back: under NCCL the all-reduce is queued on the GPU behind the
+    step that computed ``t``, and the host goes on."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor,
+                   params: list[Tensor], clip_grad: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The update after ``scaler.scale(loss).backward()``: unscale the gradients, clip their norm
+    to ``clip_grad`` (0: no clipping), and step the optimizer only if the loss (on every process:
+    gradients are all-reduced, losses are not) and the gradient norm are finite.
+
+    The decision is made on the device, so that the host never waits for the GPU within a step:
+    the fused optimizers of :func:`make_optimizer` take it as the ``found_inf`` tensor of
+    GradScaler's protocol (a skipped step leaves weights, moments and step counts as they were);
+    any other optimizer costs one host read. Returns 0-dim device tensors ``(grad_norm, finite,
+    stepped)``: ``stepped``, the optimizer changed the weights; ``finite``, not a bad step. With
+    fp16 the GradScaler lowers its scale after an overflow; with a finite loss that is its
+    routine, so such a step is finite but not stepped.
+    """
+    scaler.unscale_(optimizer)                         # no-op without fp16
+    grads = [p.grad for p in params if p.grad is not None]
+    gnorm = torch.nn.utils.get_total_norm(grads).float()
+    if clip_grad > 0:                                  # (clip_grad_norm_ with an infinite limit would
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, gnorm)  # still rewrite every gradient)
+    loss_ok = min_over_ranks(torch.isfinite(loss.detach()).float().reshape(1)).reshape(()).bool()
+    stepped = loss_ok & torch.isfinite(gnorm)
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, (~stepped).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif stepped.item():
+        optimizer.step()
+    if scaler.is_enabled():
+        scaler.update()                                # from the overflow check that unscale_ made
+    return gnorm, (loss_ok if scaler.is_enabled() else stepped), stepped
+
+
+@torch.no_grad()
+def restore_unless(keep: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
+    """Put each of ``tensors`` back to its ``saved`` copy unless ``keep`` (a 0-dim bool tensor),
+    decided on the device (e.g. the BatchNorm statistics of a step that was not finite)."""
+    for t, s in zip(tensors, saved):
+        t.copy_(torch.where(keep, t, s))
 
 
 def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -551,7 +605,15 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = True if device.type in ("cuda", "cpu") else None
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused)
+        if fused and momentum:
+            # A fused SGD makes its momentum buffers with empty_like on its first step and fills them
+            # in the kernel, so a first step skipped through found_inf (see step_if_finite; also
+            # GradScaler's fp16 overflow) would leave garbage in them. Zeros give the same first step
+            # (buffer = momentum * 0 + grad) and nothing to leave uninitialised.
+            for p in decay + no_decay:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
     if name == "adam":
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=fused)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import train_detector
+from dataset import color_normalize
 from helpers import TINY, tiny_voc
 from loss import YoloLoss
 from model import YoloConfig, YOLOv1
@@ -392,3 +394,63 @@ def test_unknown_device_is_named():
     with pytest.raises(ValueError, match="got 'meta'"):
         parse_device("meta")
     assert parse_device("cpu") == torch.device("cpu")
+
+
+def test_a_training_step_reads_nothing_back_and_the_loop_reads_it_one_step_late(tmp_path, monkeypatch):
+    """train_step leaves the finite check, the optimizer's skip, the BatchNorm restore and the weight
+    average's update on the device: no ``.item()``, ``.tolist()`` or ``bool(tensor)`` within a step
+    (each would make the host wait for the GPU). The loop reads a step's record only after queueing
+    the next one; the numbers it logs are still each step's own."""
+    from dataset import collate_skip_none
+    from utils import ModelEMA, make_optimizer
+    cfg, ds, model, _, sched, scaler, state = _one_epoch_setup(tmp_path)
+    opt = make_optimizer(model, "adam", 1e-3, 0.9, 5e-4, torch.device("cpu"))     # fused, as in training
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ema = ModelEMA(model, 0.9)
+    batches = [collate_skip_none([ds[i] for i in range(j, j + 4)]) for j in (0, 4, 8)]
+    reads = []
+    events = []
+
+    def forbid(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *a, **k):
+            if events and events[-1] == "in step":
+                reads.append(name)
+            return original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        forbid(name)
+    real_step = train_detector.train_step
+
+    def watched(*a, **k):
+        events.append("in step")
+        try:
+            record, stepped = real_step(*a, **k)
+            ema.update(stepped)
+            return record, stepped
+        finally:
+            events.append(f"out {len(events)}")
+    monkeypatch.setattr(train_detector, "train_step", watched)
+    start = copy.deepcopy(model)
+    log = tmp_path / "log.jsonl"
+    stop = GracefulStop()
+    torch.manual_seed(5)                    # the dropout masks, drawn again below
+    try:
+        with log.open("w") as f:
+            train_detector.train_one_epoch(model, YoloLoss(7, 2, 5), opt, sched, scaler, batches, cfg, state,
+                                           torch.device("cpu"), None, True, lambda name: None, 3, stop, log_file=f)
+    finally:
+        stop.restore()
+    assert len(events) == 6 and reads == []
+    assert ema.updates == 3 and state["step"] == 3 and state["skipped_steps"] == 0
+    # each logged line holds its own step's numbers: step 1's loss recomputed from the starting weights
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [1, 2, 3]
+    images, target, info = batches[0]
+    torch.manual_seed(5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp):
+        out = start.train()(color_normalize(images, info[:, 3], info[:, 4]))
+    first = YoloLoss(7, 2, 5)(out.float(), target)
+    assert lines[0]["total"] == pytest.approx(first["total"].item(), rel=1e-6)
+    assert lines[1]["total"] != lines[0]["total"]

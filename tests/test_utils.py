@@ -117,3 +117,122 @@ print(info().hblks - before)
         return int(out.stdout.split()[-1])
     assert new_mmapped_blocks("off") == 1
     assert new_mmapped_blocks("on") == 0
+
+
+# --- the update decided on the device (utils.step_if_finite) ---------------------------------------
+
+def _net_and_optimizer(name: str, seed: int = 0):
+    from utils import make_optimizer
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    opt = make_optimizer(net, name, lr=0.05, momentum=0.9, weight_decay=1e-3, device=torch.device("cpu"))
+    return net, opt
+
+
+def _loss(net, x, scale: float = 1.0):
+    return net(x).square().mean() * scale
+
+
+def _state(net, opt):
+    return {**{k: v.clone() for k, v in net.state_dict().items()},
+            **{f"{i}.{k}": v.clone() for i, st in enumerate(opt.state.values()) for k, v in st.items()}}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_step_if_finite_matches_a_plain_step_and_a_bad_step_changes_nothing(name):
+    """The fused optimizers (what make_optimizer builds) skip on the device: a finite step is the
+    plain ``optimizer.step()`` bit for bit; a NaN loss (first step, then later) leaves weights,
+    moments and step counts alone, and training goes on as if the bad step never came."""
+    from utils import step_if_finite
+    x1, x2 = torch.randn(8, 6), torch.randn(8, 6)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    net, opt = _net_and_optimizer(name)
+    ref, ref_opt = _net_and_optimizer(name)
+    assert getattr(opt, "_step_supports_amp_scaling", False)           # fused: the device-side path
+
+    start = _state(net, opt)
+    loss = _loss(net, x1, float("nan"))
+    loss.backward()
+    gnorm, finite, stepped = step_if_finite(opt, scaler, loss, list(net.parameters()))
+    assert not finite and not stepped and gnorm.isnan()
+    after = _state(net, opt)
+    for k, v in start.items():                         # a skipped first step: nothing moved or filled
+        assert torch.equal(v, after[k]), k
+    for n, o, x in ((net, opt, x1), (ref, ref_opt, x1), (net, opt, x2), (ref, ref_opt, x2)):
+        o.zero_grad(set_to_none=True)
+        loss = _loss(n, x)
+        loss.backward()
+        if n is net:
+            gnorm, finite, stepped = step_if_finite(o, scaler, loss, list(n.parameters()))
+            assert finite and stepped
+            expected = torch.cat([p.grad.flatten() for p in n.parameters()]).norm()
+            torch.testing.assert_close(gnorm, expected)
+        else:
+            o.step()
+    got, want = _state(net, opt), _state(ref, ref_opt)
+    assert got.keys() == want.keys()
+    for k, v in want.items():                          # bit for bit the plain optimizer's two steps
+        assert torch.equal(got[k], v), k
+
+
+def test_step_if_finite_clips_like_clip_grad_norm_and_counts_an_inf_gradient_as_bad():
+    from utils import step_if_finite
+    x = torch.randn(8, 6)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    net, opt = _net_and_optimizer("sgd")
+    ref, ref_opt = _net_and_optimizer("sgd")
+    _loss(net, x, 100.0).backward()
+    _loss(ref, x, 100.0).backward()
+    gnorm, finite, stepped = step_if_finite(opt, scaler, _loss(net, x, 100.0), list(net.parameters()), clip_grad=0.5)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    ref_opt.step()
+    assert gnorm > 0.5 and torch.equal(gnorm, ref_norm)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a finite loss with an infinite gradient: a bad step without fp16
+    opt.zero_grad()
+    _loss(net, x).backward()
+    next(net.parameters()).grad[0, 0] = float("inf")
+    before = _state(net, opt)
+    _, finite, stepped = step_if_finite(opt, scaler, _loss(net, x), list(net.parameters()))
+    assert not finite and not stepped
+    assert all(torch.equal(v, _state(net, opt)[k]) for k, v in before.items())
+
+
+def test_a_plain_optimizer_takes_the_host_path():
+    """An optimizer without GradScaler's found_inf protocol is stepped (or not) after one host read."""
+    from utils import step_if_finite
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    w = net.weight.detach().clone()
+    loss = net(torch.randn(3, 4)).sum() * float("inf")
+    loss.backward()
+    assert not step_if_finite(opt, scaler, loss, list(net.parameters()))[2]
+    assert torch.equal(net.weight, w)
+    opt.zero_grad()
+    loss = net(torch.randn(3, 4)).sum()
+    loss.backward()
+    assert step_if_finite(opt, scaler, loss, list(net.parameters()))[2]
+    assert not torch.equal(net.weight, w)
+
+
+def test_model_ema_update_is_conditional_on_the_device():
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema, ref = ModelEMA(src, decay=0.9, ramp=4.0), ModelEMA(src, decay=0.9, ramp=4.0)
+    for t, taken in enumerate([True, False, True, False, False, True]):
+        with torch.no_grad():
+            for p in src.parameters():
+                p.add_(torch.randn_like(p))
+            src[1].num_batches_tracked += 1
+        before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        ema.update(torch.tensor(taken))
+        if taken:
+            ref.update()
+        else:
+            assert all(torch.equal(v, ema.module.state_dict()[k]) for k, v in before.items())
+        assert ema.updates == ref.updates
+    for k, v in ref.module.state_dict().items():       # the same as updating only after the steps taken
+        assert torch.equal(v, ema.module.state_dict()[k]), k
