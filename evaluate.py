@@ -34,8 +34,8 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import (ShardSampler, cleanup_distributed, load_checkpoint, predict, require_checkpoint, run_cli,
-                   setup_distributed, to_channels_last)
+from utils import (ShardSampler, StaticBatchCompiled, cleanup_distributed, load_checkpoint, predict,
+                   require_checkpoint, run_cli, setup_distributed, to_channels_last)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto = cuda if present)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 where no bf16)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for --batch-size (CUDA graphs on a GPU): a minute or more to "
+                        "compile, then faster; for large sets")
     p.add_argument("--annotation-cache", default=str(DEFAULT_CACHE),
                    help="folder of the parsed-annotation cache used with --results ('' = off) "
                         f"(default: {DEFAULT_CACHE.relative_to(REPO)} in the repository)")
@@ -400,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = model.to(device)
     if args.channels_last:
         to_channels_last(model)
+    if args.compile:
+        model = StaticBatchCompiled(model, args.batch_size, device)
 
     # ---- data: the same dataset and ground truth as train_detector.evaluate
     t0 = time.perf_counter()

@@ -118,6 +118,28 @@ def predict(model: torch.nn.Module, loader, B: int, C: int, device: torch.device
     return preds
 
 
+class StaticBatchCompiled(torch.nn.Module):
+    """``module`` under ``torch.compile`` for inference at one batch size, for ``--compile`` in
+    evaluate.py and detect.py. A smaller batch (a loader's last) is padded with zeros to
+    ``batch_size`` and the padding's outputs dropped, so the model compiles once, and on a GPU
+    (mode ``reduce-overhead``: CUDA graphs, one launch per batch) records one graph. The outputs
+    are those of ``module`` up to the compiler's reordering of float sums."""
+
+    def __init__(self, module: torch.nn.Module, batch_size: int, device: torch.device) -> None:
+        super().__init__()
+        self.module, self.batch_size = module, batch_size
+        self.mode = "reduce-overhead" if device.type == "cuda" else "default"
+        self._compiled = torch.compile(module, mode=self.mode, dynamic=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"a batch of {n} images, over the {self.batch_size} the model was compiled for")
+        if n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+        return self._compiled(x)[:n]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:

@@ -226,3 +226,33 @@ def test_refuses_non_detector_checkpoint(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="class_names"):
         run(["--checkpoint", tmp_path / "cls.pt", tmp_path / "a.png", "--out-dir", tmp_path / "o"])
+
+
+def test_compile_and_channels_last_flags(tmp_path, monkeypatch):
+    """--compile wraps the model in utils.StaticBatchCompiled (torch.compile replaced here by a
+    recorder, since test_evaluate compiles for real): every forward sees --batch-size images, the
+    padded rows are dropped, and the detections are still the hand-computed ones."""
+    seen = []
+
+    def fake_compile(module, **kw):
+        seen.append(kw)
+        convs = [p for p in module.parameters() if p.ndim == 4]
+        assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+
+        def run(x):
+            seen.append(tuple(x.shape))
+            return module(x)
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    ckpt = tmp_path / "best.pt"
+    make_checkpoint(ckpt)
+    sizes = write_images(tmp_path / "imgs")
+    saved = run(["--checkpoint", ckpt, tmp_path / "imgs", "--out-dir", tmp_path / "out", "--batch-size", "3",
+                 "--compile", "--channels-last", "--no-images"])
+    assert seen[0] == {"mode": "default", "dynamic": False}
+    assert len(seen) > 2 and all(shape[0] == 3 for shape in seen[1:])       # every batch padded to 3
+    assert saved["num_images"] == 4
+    for entry in saved["images"]:
+        h, w = sizes[entry["file"].rsplit("/", 1)[-1]]
+        np.testing.assert_allclose([d["score"] for d in entry["detections"]],
+                                   [s for _, s, _ in expected_detections(h, w)], atol=1e-4)

@@ -344,3 +344,38 @@ def test_bench_annotation_loading(tmp_path):
     assert all(out[k] > 0 for k in ("no_cache_seconds", "cold_seconds", "warm_seconds"))
     gt, report = evaluate.load_ground_truth(tmp_path, "2007-test", VOC_CLASSES, None)
     assert report == [] and sum(len(g.labels) for g in gt.values()) == out["num_objects"]
+
+
+def test_compile_gives_the_eager_detections(demo, random_ckpt):
+    """--compile: torch.compile at one batch size, the last (partial) batch padded: the same mAP
+    and detections as the eager model (6 images at batch 4: a full batch and a padded one)."""
+    args = ["--checkpoint", str(random_ckpt), "--data", "demo", "--data-root", str(demo), "--max-det", "40", *RUN]
+    eager = evaluate.main(args)
+    compiled = evaluate.main([*args, "--compile"])
+    assert compiled["num_images"] == eager["num_images"] == 6
+    assert compiled["num_detections"] == eager["num_detections"]
+    assert compiled["map"] == pytest.approx(eager["map"], abs=1e-6)
+    for c in DEMO_CLASSES:
+        assert compiled["per_class"][c]["ndet"] == eager["per_class"][c]["ndet"]
+
+
+def test_static_batch_compiled_pads_and_refuses_a_larger_batch(monkeypatch):
+    from utils import StaticBatchCompiled
+    seen = []
+
+    def fake_compile(module, **kw):            # records the shapes the compiled graph would see
+        def run(x):
+            seen.append(tuple(x.shape))
+            return module(x)
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    wrapped = StaticBatchCompiled(net, 4, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x[:3]), net(x[:3]))     # padded to 4, the padding's rows dropped
+        assert wrapped(x).shape == (4, 5)
+    assert seen == [(4, 3, 8, 8), (4, 3, 8, 8)]
+    with pytest.raises(ValueError, match="over the 4"):
+        wrapped(torch.randn(5, 3, 8, 8))
