@@ -110,7 +110,7 @@ def bench_config(device: torch.device, smoke: bool = False) -> BenchConfig:
     if device.type == "cuda":
         return BenchConfig(device=str(device), workers=max(1, min(cpus - 2, 16)))
     cfg = BenchConfig(device=str(device), det_width=0.125, det_batch=4, cls_width=0.25, cls_batch=8, warmup_steps=1,
-                      steps=3, loader_steps=3, infer_batch=8, infer_iters=5, pipeline_images=48, files=32,
+                      steps=3, loader_steps=3, infer_batch=8, infer_iters=5, pipeline_images=96, files=32,
                       peak_n=1024, workers=1, amp=False, channels_last=False, time_budget_s=1e9)
     if smoke:
         cfg = replace(cfg, det_width=0.0625, det_size=64, det_batch=2, cls_width=0.0625, cls_size=64, cls_batch=2,
@@ -448,7 +448,7 @@ def part_pipeline_detector(report: Report, cfg: BenchConfig, ws: Workspace) -> N
             "decode": (lambda i: read_image(paths[i]), count),
             "ours": (lambda i: ds[i], count),
             "base": (lambda i: straightforward_detector_sample(tf, read_image(paths[i]), *anns[i]), max(4, count // 3)),
-        }, n)
+        }, n, rounds=5)
         batch = cfg.det_batch
         color_ms = color_share_ms(device, DET_SIZE, jitter=True, batch=batch)
     ours = 1000 / (1000 / r["ours"] + color_ms)
@@ -482,7 +482,7 @@ def part_pipeline_classifier(report: Report, cfg: BenchConfig, ws: Workspace) ->
             "decode": (lambda i: read_image(paths[i]), count),
             "ours": (lambda i: ds[i], count),
             "base": (lambda i: tf(tv_tensors.Image(read_image(paths[i]))), max(4, count // 2)),
-        }, len(paths))
+        }, len(paths), rounds=5)
         batch = cfg.cls_batch
         color_ms = color_share_ms(device, CLS_SIZE, jitter=False, batch=batch)
     ours = 1000 / (1000 / r["ours"] + color_ms)
