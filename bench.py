@@ -67,7 +67,7 @@ from torch import Tensor
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
 from model import Classifier, YoloConfig, YOLOv1, count_params_flops
-from utils import autocast_dtype, make_optimizer, reuse_freed_memory, to_channels_last
+from utils import autocast_dtype, make_optimizer, reuse_freed_memory, start_host_read, to_channels_last
 
 SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
 VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
@@ -569,24 +569,26 @@ def _optimizer(model: torch.nn.Module, recipe: dict, device: torch.device) -> to
 def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device: torch.device,
                   read_now: bool = False) -> Callable:
     """One training step as train_detector.py takes it: ``train_detector.train_step``, whose record
-    (loss terms, finite, stepped) the host reads one step later, once the next step is queued.
-    ``read_now=True`` reads each record at once instead, a host sync per step that drains the GPU
-    queue: the difference between the two rates is what the late read saves."""
+    (loss terms, finite, stepped) is copied to pinned host memory without waiting
+    (``utils.start_host_read``) and read once the next step is queued. ``read_now=True`` reads
+    each record at once instead (``.tolist()``, which waits for the GPU queue to drain): the
+    difference between the two rates is what the late read saves."""
     from types import SimpleNamespace
     from train_detector import train_step
     amp_dtype = autocast_dtype(device)
     step_cfg = SimpleNamespace(amp=cfg.amp, clip_grad=0.0)
-    pending: list[Tensor] = []
+    pending: list[Callable[[], list]] = []
 
     def step(images: Tensor, target: Tensor, info: Tensor) -> None:
         record, _ = train_step(model, criterion, optimizer, scaler, (images, target, info), step_cfg, device,
                                amp_dtype)
-        if pending:
-            pending.pop().tolist()
         if read_now:
             record.tolist()
-        else:
-            pending.append(record)
+            return
+        read = start_host_read(record)
+        if pending:
+            pending.pop()()
+        pending.append(read)
     return step
 
 
@@ -601,14 +603,14 @@ def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.de
                   for b in m.buffers()]
     backup = [b.clone() for b in bn_buffers]
     step_cfg = SimpleNamespace(color_jitter=0.0, mean=MEAN, std=STD, amp=cfg.amp, clip_grad=0.0)
-    pending: list[Tensor] = []
+    pending: list[Callable[[], list]] = []
 
     def step(images: Tensor, labels: Tensor, info: Tensor) -> None:
-        record = train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device, amp_dtype, params,
-                            bn_buffers, backup)
+        read = start_host_read(train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device,
+                                          amp_dtype, params, bn_buffers, backup))
         if pending:
-            pending.pop().tolist()
-        pending.append(record)
+            pending.pop()()
+        pending.append(read)
     return step
 
 

@@ -28,6 +28,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_obje
                    check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, make_optimizer,
                    load_weights, print_problems, require_checkpoint, run_cli, save_checkpoint, sum_over_ranks,
                    restore_training_state, restore_unless, reuse_freed_memory, seed_everything,
-                   setup_distributed, step_if_finite, to_channels_last)
+                   setup_distributed, start_host_read, step_if_finite, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -282,9 +283,10 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
 
-    def settle(record: Tensor | None, n: int, step: int, lr: float) -> None:
-        """The host's part of step ``step``: its record read back, the meters, counts and logs."""
-        v = dict(zip(RECORD, record.tolist())) if record is not None else None
+    def settle(read: Callable[[], list] | None, n: int, step: int, lr: float) -> None:
+        """The host's part of step ``step``: its record read back (``read``, from
+        utils.start_host_read), the meters, counts and logs."""
+        v = dict(zip(RECORD, read())) if read is not None else None
         if v and not v["finite"]:
             state["bad_steps"] += 1
             state["skipped_steps"] += 1
@@ -313,21 +315,22 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/images_per_s", rate, step)
 
-    pending = None     # the previous step, settled once this one is queued
+    pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all of
         # them in each backward); the step still counts, so that the LR schedule and a resume stay aligned.
-        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)], device)
+        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)])
         state["skipped_images"] += int(dropped)
-        record = None
+        read = None
         if empty:
             if is_main:
                 tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the warnings "
                            f"above); step skipped by every process ({state['skipped_images']} images skipped so far)")
         else:
-            record = train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params, bn_buffers, backup)
+            read = start_host_read(train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params,
+                                              bn_buffers, backup))
         lr = scheduler.get_last_lr()[0]
         with warnings.catch_warnings():   # after a skipped first step torch warns about the call order;
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
@@ -337,7 +340,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
         seen += n
         if pending:
             settle(*pending)
-        pending = (record, n, state["step"], lr)
+        pending = (read, n, state["step"], lr)
         stop_now = stopper.requested()   # SIGTERM / SIGINT on any process: save at this step boundary, then stop
         if stop_now or (cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0):
             settle(*pending)

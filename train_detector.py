@@ -18,6 +18,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, Shard
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
                    print_problems, require_checkpoint, restore_training_state, restore_unless, reuse_freed_memory,
-                   run_cli, save_checkpoint, seed_everything, setup_distributed, step_if_finite, sum_over_ranks,
-                   to_channels_last)
+                   run_cli, save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite,
+                   sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -227,7 +228,8 @@ def lr_factor(epoch: float, cfg: TrainConfig) -> float:
     return cfg.lr_gamma ** sum(epoch >= s for s in steps)
 
 
-def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device, amp_dtype) -> tuple[Tensor, Tensor]:
+def train_step(model, criterion, optimizer, scaler, batch, cfg: TrainConfig, device,
+               amp_dtype) -> tuple[Tensor, Tensor]:
     """Forward, loss, backward and update on one ``(uint8 images, target, info)`` batch, with no
     host read: the GPU is never left waiting for the CPU within a step.
 
@@ -277,9 +279,10 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
 
-    def settle(record: Tensor | None, n: int, step: int, lr: float) -> None:
-        """The host's part of step ``step``: its record read back, the meters, counts and logs."""
-        values = dict(zip(RECORD, record.tolist())) if record is not None else {}
+    def settle(read: Callable[[], list] | None, n: int, step: int, lr: float) -> None:
+        """The host's part of step ``step``: its record read back (``read``, from
+        utils.start_host_read), the meters, counts and logs."""
+        values = dict(zip(RECORD, read())) if read is not None else {}
         vals = {k: values[k] for k in meters if k in values}
         if values.get("finite", 1.0) and vals:
             state["bad_steps"] = 0
@@ -307,15 +310,15 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/images_per_s", rate, step)
 
-    pending = None     # the previous step, settled once this one is queued
+    pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all
         # of them in each backward); the step still counts, so the LR schedule and a resume stay aligned.
-        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)], device)
+        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)])
         state["skipped_images"] += int(dropped)
-        record = None
+        read = None
         if empty:
             if is_main:
                 tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the "
@@ -323,6 +326,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
                            "skipped so far)")
         else:
             record, stepped = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
+            read = start_host_read(record)
             if ema:
                 ema.update(stepped)
         lr = scheduler.get_last_lr()[0]
@@ -334,7 +338,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
         seen += n
         if pending:
             settle(*pending)
-        pending = (record, n, state["step"], lr)
+        pending = (read, n, state["step"], lr)
         if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0:
             settle(*pending)
             pending = None

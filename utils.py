@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import math
 import os
 import random
@@ -322,12 +323,25 @@ def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        host_group()            # made now, by every process at the same point
     return rank, world, local_rank, device
+
+
+@functools.cache
+def host_group() -> Any:
+    """A gloo process group over all processes, for the few numbers the host itself decides on
+    each step (unreadable-image counts, stop requests). Under NCCL those would go through the GPU
+    queue, and reading the result back would wait for every kernel queued before it. None without
+    torchrun."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")    # also under gloo, so that CPU runs test this very path
 
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    host_group.cache_clear()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -540,8 +554,8 @@ class GracefulStop:
     def requested(self) -> bool:
         flag = self.signum is not None
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = torch.tensor([float(flag)])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())   # on the host: no GPU wait
             flag = bool(t.item())
             if flag and self.signum is None:
                 self.signum = signal.SIGTERM
@@ -608,13 +622,32 @@ def restore_unless(keep: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> 
         t.copy_(torch.where(keep, t, s))
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """``values`` summed element-wise over all processes (one all-reduce; themselves without torchrun)."""
-    if not dist.is_initialized():
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Host numbers ``values`` summed element-wise over all processes (one all-reduce on the
+    :func:`host_group`, which never waits for a GPU; themselves without torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=host_group())
     return t.tolist()
+
+
+def start_host_read(t: Tensor) -> Callable[[], list]:
+    """Queue a copy of the small device tensor ``t`` to (pinned) host memory and return a function
+    that waits for that copy alone and gives ``t.tolist()``. Called at the end of a step and read
+    after the next step is queued, the host then waits only for the step it reads, never for the
+    queue to drain (a plain ``.tolist()`` of a CUDA tensor waits for everything queued before it)."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list:
+        done.synchronize()
+        return host.tolist()
+    return read
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
