@@ -327,7 +327,6 @@ def setup_distributed(device_arg: str) -> tuple[int, int, int, torch.device]:
     return rank, world, local_rank, device
 
 
-@functools.cache
 def host_group() -> Any:
     """A gloo process group over all processes, for the few numbers the host itself decides on
     each step (unreadable-image counts, stop requests). Under NCCL those would go through the GPU
@@ -335,13 +334,18 @@ def host_group() -> Any:
     torchrun."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    return _gloo_group()
+
+
+@functools.cache
+def _gloo_group() -> Any:
     return dist.new_group(backend="gloo")    # also under gloo, so that CPU runs test this very path
 
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    host_group.cache_clear()
+    _gloo_group.cache_clear()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -642,7 +646,7 @@ def start_host_read(t: Tensor) -> Callable[[], list]:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(t.device))     # the stream the copy went on
 
     def read() -> list:
         done.synchronize()
