@@ -416,11 +416,13 @@ def interleaved_rates(fns: dict[str, tuple[Callable[[int], Any], int]], n: int, 
 
 def color_share_ms(device: torch.device, size: int, jitter: bool, batch: int) -> float:
     """Milliseconds per image of :func:`dataset.color_normalize` on a uint8 batch of ``batch``
-    images of ``size`` px already on ``device`` (with or without exposure/saturation jitter): the
+    images of ``size`` px already on ``device``, channels-last as the loader delivers them (so the
+    transposition to NCHW is counted), with or without exposure/saturation jitter: the
     per-image share of the colour step where training runs it, at the training batch size. Call
     with one thread on a CPU."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g)   # the loader's order
+    images = images.permute(0, 3, 1, 2).to(device)           # (dataset.stack_images): made contiguous in the step
     e = torch.rand(batch, generator=g).add_(0.67).to(device) if jitter else None
     s = torch.rand(batch, generator=g).add_(0.67).to(device) if jitter else None
     color_normalize(images, e, s)

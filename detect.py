@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import draw
-from dataset import MEAN, STD, DataError, color_normalize, read_image, warp_image
+from dataset import MEAN, STD, DataError, color_normalize, read_image, stack_images, warp_image
 from model import YoloConfig, YOLOv1
 from utils import StaticBatchCompiled, autocast_dtype, decode_predictions, parse_device, run_cli, to_channels_last
 
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         good = [item for item in batch if item[1] is not None]
         skipped += [{"file": str(files[i]), "error": err} for i, _, _, err in batch if err is not None]
         if good:
-            inputs = torch.stack([x for _, _, x, _ in good])
+            inputs = stack_images([x for _, _, x, _ in good])
             sizes = torch.tensor([list(img.shape[-2:]) for _, img, _, _ in good])
             dets = detect_batch(model, inputs, sizes, cfg, device, args.conf, args.iou, args.max_det, classes,
                                 args.amp)
