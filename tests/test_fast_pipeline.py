@@ -271,3 +271,42 @@ def test_saturation_is_hsv_scaling_not_a_grey_blend():
         assert (ours[:, ~grey] - tv[:, ~grey]).abs().max() > 0.05                   # differ on colour
     torch.testing.assert_close(_denorm(color_normalize(img, torch.tensor([1.0]), torch.tensor([1.0]))),
                                F.adjust_saturation(x, 1.0), atol=2e-6, rtol=0)
+
+
+def _warped(n: int, size: int = 64) -> list[torch.Tensor]:
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        image = torch.from_numpy(rng.integers(0, 256, (50 + i, 70, 3), dtype=np.uint8)).permute(2, 0, 1)
+        out.append(warp_image(image, (-5, 3, 80, 40 + i), size, bool(i % 2), FILL))
+    return out
+
+
+class _Warped(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int):
+        return _warped(6)[i], torch.tensor([float(i)])
+
+
+def test_stack_images_batches_without_transposing_and_the_colour_step_gets_nchw():
+    """stack_images keeps warp_image's (S, S, 3) memory order (a channels-last batch, also from a
+    loader worker through shared memory); the values are torch.stack's, and color_normalize gives
+    the same contiguous NCHW result as on an NCHW batch."""
+    from dataset import collate_skip_none, color_normalize, stack_images
+    images = _warped(4)
+    batch = stack_images(images)
+    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+    assert torch.equal(batch, torch.stack([im.contiguous() for im in images]))
+    e, s = torch.tensor([0.8, 1.2, 1.0, 1.4]), torch.tensor([1.3, 0.7, 1.0, 1.1])
+    want = color_normalize(batch.contiguous(), e, s)
+    got = color_normalize(batch, e, s)
+    assert got.is_contiguous() and torch.equal(got, want)
+    nchw = [im.contiguous() for im in images]             # other images: stacked the default way
+    assert stack_images(nchw).is_contiguous() and torch.equal(stack_images(nchw), batch)
+    loader = torch.utils.data.DataLoader(_Warped(), batch_size=3, num_workers=1, collate_fn=collate_skip_none)
+    got = list(loader)
+    assert all(b[0].is_contiguous(memory_format=torch.channels_last) for b in got)
+    assert torch.equal(torch.cat([b[0] for b in got]), torch.stack([im.contiguous() for im in _warped(6)]))
+    assert torch.equal(torch.cat([b[1] for b in got]).flatten(), torch.arange(6.0))
