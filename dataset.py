@@ -265,8 +265,12 @@ def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: 
     """
     if not images.is_contiguous():    # a loader's batches are channels-last (stack_images): NCHW for the model
         # on a CPU NumPy's transposition (0.04 ms per 224 px image) is twice as fast as torch's uint8 one
-        images = (torch.from_numpy(np.ascontiguousarray(images.numpy())) if images.device.type == "cpu"
-                  else images.contiguous())
+        if images.device.type == "cpu":
+            out = torch.empty(images.shape, dtype=images.dtype)     # torch's memory, NumPy's faster copy
+            np.copyto(out.numpy(), images.numpy())
+            images = out
+        else:
+            images = images.contiguous()
     x = images.float()                                   # (N, 3, H, W) in 0..255, the one full-size buffer
     mean_t, std_t = _mean_std(x.device, tuple(mean), tuple(std))
     if exposure is not None and saturation is not None:
