@@ -568,6 +568,19 @@ def _optimizer(model: torch.nn.Module, recipe: dict, device: torch.device) -> to
     return make_optimizer(model, recipe["optimizer"], recipe["lr"], recipe["momentum"], recipe["weight_decay"], device)
 
 
+def late_reader() -> Callable[[Tensor], None]:
+    """What the training loops do with each step's record: start its copy to the host
+    (``utils.start_host_read``) and read the previous step's, now that this one is queued."""
+    pending: list[Callable[[], list]] = []
+
+    def read_late(record: Tensor) -> None:
+        read = start_host_read(record)
+        if pending:
+            pending.pop()()
+        pending.append(read)
+    return read_late
+
+
 def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device: torch.device,
                   read_now: bool = False) -> Callable:
     """One training step as train_detector.py takes it: ``train_detector.train_step``, whose record
@@ -579,18 +592,15 @@ def detector_step(model, criterion, optimizer, scaler, cfg: BenchConfig, device:
     from train_detector import train_step
     amp_dtype = autocast_dtype(device)
     step_cfg = SimpleNamespace(amp=cfg.amp, clip_grad=0.0)
-    pending: list[Callable[[], list]] = []
+    read_late = late_reader()
 
     def step(images: Tensor, target: Tensor, info: Tensor) -> None:
         record, _ = train_step(model, criterion, optimizer, scaler, (images, target, info), step_cfg, device,
                                amp_dtype)
         if read_now:
             record.tolist()
-            return
-        read = start_host_read(record)
-        if pending:
-            pending.pop()()
-        pending.append(read)
+        else:
+            read_late(record)
     return step
 
 
@@ -605,14 +615,11 @@ def classifier_step(model, optimizer, scaler, cfg: BenchConfig, device: torch.de
                   for b in m.buffers()]
     backup = [b.clone() for b in bn_buffers]
     step_cfg = SimpleNamespace(color_jitter=0.0, mean=MEAN, std=STD, amp=cfg.amp, clip_grad=0.0)
-    pending: list[Callable[[], list]] = []
+    read_late = late_reader()
 
     def step(images: Tensor, labels: Tensor, info: Tensor) -> None:
-        read = start_host_read(train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device,
-                                          amp_dtype, params, bn_buffers, backup))
-        if pending:
-            pending.pop()()
-        pending.append(read)
+        read_late(train_step(model, optimizer, scaler, (images, labels, info), step_cfg, device, amp_dtype, params,
+                             bn_buffers, backup))
     return step
 
 

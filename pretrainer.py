@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -49,7 +48,7 @@ from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_obje
                    check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, make_optimizer,
                    load_weights, print_problems, require_checkpoint, run_cli, save_checkpoint, sum_over_ranks,
                    restore_training_state, restore_unless, reuse_freed_memory, seed_everything,
-                   setup_distributed, start_host_read, step_if_finite, to_channels_last)
+                   setup_distributed, start_host_read, step_if_finite, step_scheduler, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -331,10 +330,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
         else:
             read = start_host_read(train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params,
                                               bn_buffers, backup))
-        lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():   # after a skipped first step torch warns about the call order;
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            scheduler.step()              # the schedule follows steps, taken or not
+        lr = step_scheduler(scheduler)
         state["step"] += 1
         state["step_in_epoch"] += 1
         seen += n

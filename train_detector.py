@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,7 @@ from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, Shard
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
                    print_problems, require_checkpoint, restore_training_state, restore_unless, reuse_freed_memory,
-                   run_cli, save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite,
+                   run_cli, save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
                    sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
@@ -329,10 +328,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
             read = start_host_read(record)
             if ema:
                 ema.update(stepped)
-        lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():   # after a skipped first step torch warns about the call order;
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            scheduler.step()              # the schedule follows steps, taken or not
+        lr = step_scheduler(scheduler)
         state["step"] += 1
         state["step_in_epoch"] += 1
         seen += n

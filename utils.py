@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -444,9 +445,6 @@ class ModelEMA:
         """Optimizer steps averaged in so far (a host read)."""
         return int(self._updates.item())
 
-    def current_decay(self) -> float:
-        return self.decay * (1.0 - math.exp(-self.updates / self.ramp))
-
     @torch.no_grad()
     def update(self, stepped: Tensor | None = None) -> None:
         """Average in the source's current weights. ``stepped`` (a 0-dim bool tensor, from
@@ -626,6 +624,17 @@ def restore_unless(keep: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> 
         t.copy_(torch.where(keep, t, s))
 
 
+def step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """Advance a per-step LR schedule by one step, taken or skipped (the schedule follows steps, so
+    that a resume lands on the same value); returns the LR that step used. A skipped first step
+    (an optimizer that never ran) would make torch warn about the call order: not a problem here."""
+    lr = scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        scheduler.step()
+    return lr
+
+
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Host numbers ``values`` summed element-wise over all processes (one all-reduce on the
     :func:`host_group`, which never waits for a GPU; themselves without torchrun)."""
@@ -643,8 +652,7 @@ def start_host_read(t: Tensor) -> Callable[[], list]:
     queue to drain (a plain ``.tolist()`` of a CUDA tensor waits for everything queued before it)."""
     if t.device.type != "cuda":
         return t.tolist
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+    host = t.to("cpu", non_blocking=True)                # torch allocates it pinned for a non-blocking copy
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(t.device))     # the stream the copy went on
 
