@@ -392,18 +392,18 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
 
 
-def to_channels_last(model: torch.nn.Module, min_channels: int = 16) -> torch.nn.Module:
+def to_channels_last(model: torch.nn.Module, min_channels: int | None = None) -> torch.nn.Module:
     """Put ``model``'s parameters and buffers in channels_last memory format (faster convolutions
-    with cuDNN and oneDNN), except a narrow stem: the leading convolutions with fewer than
-    ``min_channels`` filters keep NCHW weights. Feed the model NCHW images: a convolution's
-    output is channels_last when its input or its weight is, so the stem's activations stay
-    NCHW and the first wide convolution turns them into channels_last.
-
-    Why the stem: BatchNorm's channels_last kernels vectorise over channels, and with fewer
-    channels than a SIMD vector holds they crawl. On the 2-core dev CPU the backward pass of a
-    bf16 (16, 8, 112, 112) BatchNorm takes 13 ms in channels_last and 1.7 ms in NCHW, which made
-    the demo model's training step about 15% slower (bench.py's ``demo`` section). Models whose
-    first convolution is wide (the paper's 64 filters) are converted whole."""
+    with cuDNN and oneDNN), except a narrow stem where that is faster: the leading convolutions
+    with fewer than ``min_channels`` filters keep NCHW weights. Feed the model NCHW images: a
+    convolution's output is channels_last when its input or its weight is, so the stem's
+    activations stay NCHW and the first wide convolution turns them into channels_last.
+    ``min_channels=None`` picks it for the device the model is on (:func:`keeps_narrow_stem_nchw`):
+    16, or 0 (everything channels_last) on a CPU without AMX. Models whose first convolution is
+    wide (the paper's 64 filters) are converted whole either way."""
+    if min_channels is None:
+        device = next(model.parameters()).device
+        min_channels = 16 if keeps_narrow_stem_nchw(device) else 0
     model.to(memory_format=torch.channels_last)
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
@@ -411,6 +411,21 @@ def to_channels_last(model: torch.nn.Module, min_channels: int = 16) -> torch.nn
                 break
             m.weight.data = m.weight.data.contiguous()
     return model
+
+
+def keeps_narrow_stem_nchw(device: torch.device) -> bool:
+    """Whether :func:`to_channels_last` leaves a stem of fewer than 16 filters in NCHW on ``device``:
+    everywhere but on a CPU without AMX units.
+
+    Why (bench.py's ``demo`` section, the demo model's bf16 training step, whose first two convs
+    have 8 and 16 filters): BatchNorm's channels_last kernels vectorise over channels and crawl
+    with fewer channels than a SIMD vector holds (the backward pass of a bf16 (16, 8, 112, 112)
+    BatchNorm: 13 ms in channels_last, 1.7 ms in NCHW on a Xeon with AMX; 12.5 ms more on an AMD
+    EPYC). On the Xeon with AMX the NCHW stem made the step 1.14x faster (2026-11-26). On the AMD
+    EPYC (AVX-512 with BF16, no AMX) the 3-to-8-filter 7x7 convolution is what crawls in NCHW
+    (fwd + bwd 29 ms against 11), and channels_last everywhere made the step 1.2-1.3x faster
+    (2026-11-27). GPUs keep the NCHW stem (not measured either way)."""
+    return device.type != "cpu" or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 class ModelEMA:

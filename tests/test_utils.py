@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import YoloConfig, YOLOv1
-from utils import ModelEMA, to_channels_last
+from utils import ModelEMA, keeps_narrow_stem_nchw, to_channels_last
 
 
 def test_model_ema_follows_the_ramped_average():
@@ -65,7 +65,7 @@ def test_to_channels_last_keeps_a_narrow_stem_nchw_and_the_outputs_equal():
     ref = YOLOv1(cfg).eval()
     model = YOLOv1(cfg).eval()
     model.load_state_dict(ref.state_dict())
-    assert to_channels_last(model) is model
+    assert to_channels_last(model, min_channels=16) is model
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].out_channels == 8 and convs[1].out_channels == 16          # demo widths (model._ch)
     assert convs[0].weight.is_contiguous()                                      # the 8-filter stem: NCHW
@@ -77,9 +77,23 @@ def test_to_channels_last_keeps_a_narrow_stem_nchw_and_the_outputs_equal():
     assert all(cl and not nchw for nchw, cl in seen[1:])     # channels_last from the first wide conv on
     torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-5)
     # a wide first conv (the paper's 64 filters at width 0.25) converts the whole model
-    wide = to_channels_last(YOLOv1(YoloConfig(C=5, image_size=64, width=0.25, fc_dim=256)))
+    wide = to_channels_last(YOLOv1(YoloConfig(C=5, image_size=64, width=0.25, fc_dim=256)), min_channels=16)
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in wide.modules()
                if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_to_channels_last_keeps_the_narrow_stem_nchw_on_a_cpu_only_with_amx(monkeypatch, amx):
+    """The default layout follows keeps_narrow_stem_nchw: the 8-filter stem NCHW on a CPU with AMX,
+    channels_last everywhere on one without (where the NCHW 7x7 stem conv is the slow part)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert keeps_narrow_stem_nchw(torch.device("cpu")) is amx
+    assert keeps_narrow_stem_nchw(torch.device("cuda")) is True
+    model = to_channels_last(YOLOv1(YoloConfig(C=5, image_size=64, width=0.0625, batch_norm=True, fc_dim=1024)))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].weight.is_contiguous() is amx
+    assert convs[0].weight.is_contiguous(memory_format=torch.channels_last) is not amx
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs[1:])
 
 
 def test_reuse_freed_memory_keeps_large_blocks_in_the_heap():
