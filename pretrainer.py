@@ -46,7 +46,8 @@ from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
                    check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, make_optimizer,
-                   load_weights, print_problems, require_checkpoint, run_cli, save_checkpoint, sum_over_ranks,
+                   load_weights, print_problems, remove_partial_checkpoints, require_checkpoint, run_cli,
+                   save_checkpoint, sum_over_ranks,
                    restore_training_state, restore_unless, reuse_freed_memory, seed_everything,
                    setup_distributed, start_host_read, step_if_finite, step_scheduler, to_channels_last)
 
@@ -352,7 +353,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
 
 
 @torch.no_grad()
-def validate(model, loader, cfg: PretrainConfig, device, num_classes: int) -> dict:
+def validate(model, loader, cfg: PretrainConfig, device) -> dict:
     """Loss, top-1 and top-5 (%) over the whole validation set, each image counted exactly once
     over all processes (ShardSampler shards, then the correct counts are all-reduced)."""
     model.eval()
@@ -463,10 +464,12 @@ def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.devic
     per_proc = cfg.batch_size // world
     loader = DataLoader(data.val, per_proc, sampler=ShardSampler(len(data.val), rank, world),
                         num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none)
-    val = validate(model, loader, cfg, device, len(data.class_names))
+    val = validate(model, loader, cfg, device)
     if is_main:
         unread = len(data.val) - val["images"]
-        print(f"--evaluate {cfg.evaluate} (epoch {ckpt['state']['epoch']}, step {ckpt['state']['step']}) on "
+        trained_for = (f" (epoch {ckpt['state']['epoch']}, step {ckpt['state']['step']})"
+                       if isinstance(ckpt.get("state"), dict) and {"epoch", "step"} <= ckpt["state"].keys() else "")
+        print(f"--evaluate {cfg.evaluate}{trained_for} on "
               f"{data.root / 'val'} at {cfg.image_size} px: loss {val['loss']:.4f} top-1 {val['top1']:.2f}% "
               f"top-5 {val['top5']:.2f}% ({val['images']} images"
               + (f"; {unread} unreadable, skipped)" if unread else ")"))
@@ -567,6 +570,8 @@ def main(argv: list[str] | None = None) -> dict:
         require_checkpoint(ckpt, resume_path, "pretrainer.py", ("model", "optimizer", "scheduler", "scaler", "state",
                                                                  "model_config", "class_names", "rng"))
         check_config_compatible(ckpt["model_config"], model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
+        if "config" in ckpt:   # the optimizer state and the step count only fit the same optimizer and batch
+            check_config_compatible(ckpt["config"], asdict(cfg), ("optimizer", "batch_size"), str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on {len(ckpt['class_names'])} other classes "
                              f"(first {ckpt['class_names'][:3]}), not the {len(class_names)} of {data.root}")
@@ -590,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict:
     writer = SummaryWriter(str(out_dir)) if is_main else None
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for p in remove_partial_checkpoints(out_dir):
+            print(f"removed {p}: a checkpoint whose writing was cut off (its process was killed)")
         (out_dir / "config.json").write_text(json.dumps({
             "train": asdict(cfg), "model": model_cfg.to_dict(), "class_names": class_names,
             "class_labels": data.class_labels}, indent=2))
@@ -623,7 +630,9 @@ def main(argv: list[str] | None = None) -> dict:
             epoch = state["epoch"]
             train_set.set_epoch(epoch)
             train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
-            train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True, **loader_kw)
+            # its own generator: worker seeding draws nothing from the global RNG, as in train_detector.py
+            train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
+                                      generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch), **loader_kw)
             train = train_one_epoch(model, optimizer, scheduler, scaler, train_loader, cfg, state, device, writer,
                                     is_main, checkpoint, steps_per_epoch, stopper, bn_buffers)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written
@@ -633,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
             if world > 1:   # evaluate (and save) rank 0's BatchNorm statistics on every process
                 for b in raw_model.buffers():
                     dist.broadcast(b, 0)
-            val = validate(eval_model, val_loader, cfg, device, len(class_names))
+            val = validate(eval_model, val_loader, cfg, device)
             state["top1"], state["top5"] = val["top1"], val["top5"]
             state["history"].append({"epoch": epoch + 1, "train_loss": train["loss"], "train_top1": train["top1"],
                                      **val})
@@ -655,6 +664,10 @@ def main(argv: list[str] | None = None) -> dict:
                 state["best_top1"], state["best_top5"] = val["top1"], val["top5"]
                 checkpoint("best.pt")
             checkpoint("last.pt")   # a signal during validation stops the run at the loop's next check
+    except BaseException:
+        if writer:   # its queued points reach disk, e.g. the skipped steps that explain a stop
+            writer.close()
+        raise
     finally:
         stopper.restore()
 

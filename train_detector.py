@@ -32,12 +32,12 @@ from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, col
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (AverageMeter, GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
+from utils import (GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
-                   print_problems, require_checkpoint, restore_training_state, restore_unless, reuse_freed_memory,
-                   run_cli, save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
-                   sum_over_ranks, to_channels_last)
+                   print_problems, remove_partial_checkpoints, require_checkpoint, restore_training_state,
+                   restore_unless, reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed,
+                   start_host_read, step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -116,8 +116,18 @@ class TrainConfig:
     check_data: bool = False
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, except where the help states it (the recipe flags) or there is
+    none to state (switches, empty strings)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "(default:" in (action.help or "") or action.default in (None, "", True, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     r = "(default: from the --data recipe: paper's on voc, CPU-sized on demo)"
     p.add_argument("--data", choices=["voc", "demo"], default="demo", help="dataset")
     p.add_argument("--data-root", default="", help="folder holding VOCdevkit (or VOCdevkit itself); demo: data/demo")
@@ -178,7 +188,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--eval-interval", type=int, default=0, help=f"evaluate mAP every N epochs (and at the end) {r}")
     p.add_argument("--conf-threshold", type=float, default=0.001, help="score threshold for mAP (darknet's VOC validation)")
     p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold")
-    p.add_argument("--max-det", type=int, default=300, help="detections kept per image")
+    p.add_argument("--max-det", type=int, default=300, help="detections kept per image (0: all)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite steps")
     p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard loss points")
@@ -266,13 +276,14 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     """One pass over ``loader``. A step whose loss or gradient is not finite changes nothing (weights,
     optimizer state, BatchNorm statistics and the weight average ``ema`` are left as they were); it
     is logged and counted, and ``cfg.max_bad_steps`` of them in a row stop the run. Returns the
-    epoch's mean loss terms.
+    epoch's mean loss terms over its finite steps (summed in ``state['epoch_meter']``, so a mid-epoch
+    resume keeps them).
 
     Each step's record is read on the host (meters, counts, logs) only after the next step has been
     queued, so that the GPU always has work while the host waits for the numbers."""
     model.train()
     amp_dtype = autocast_dtype(device)
-    meters = {k: AverageMeter() for k in ("total", "coord", "obj", "noobj", "cls")}
+    meter = state["epoch_meter"]   # {"images", "total", "coord", ...}: sums over the epoch's finite steps
     per_proc = cfg.batch_size // (dist.get_world_size() if dist.is_initialized() else 1)
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
                initial=state["step_in_epoch"], total=steps_per_epoch)
@@ -282,11 +293,12 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
         """The host's part of step ``step``: its record read back (``read``, from
         utils.start_host_read), the meters, counts and logs."""
         values = dict(zip(RECORD, read())) if read is not None else {}
-        vals = {k: values[k] for k in meters if k in values}
+        vals = {k: values[k] for k in RECORD[:5] if k in values}
         if values.get("finite", 1.0) and vals:
             state["bad_steps"] = 0
+            meter["images"] += n
             for k, v in vals.items():
-                meters[k].update(v, n)
+                meter[k] += v * n
         elif values:
             state["bad_steps"] += 1
             state["skipped_steps"] += 1
@@ -300,7 +312,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
                                          f"last loss terms: {format_loss(vals)}. The last good checkpoint is intact.")
         if is_main:
             rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{meters['total'].avg:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{meter['total'] / max(meter['images'], 1):.3f}", lr=f"{lr:.2e}",
+                            img_s=f"{rate:.0f}")
             if log_file:
                 log_file.write(json.dumps({"step": step, "epoch": state["epoch"], **vals}) + "\n")
             if writer and step % cfg.log_interval == 0:
@@ -344,7 +357,18 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     if pending:
         settle(*pending)
     bar.close()
-    return {k: m.avg for k, m in meters.items()}
+    return {k: meter[k] / max(meter["images"], 1) for k in RECORD[:5]}
+
+
+def new_epoch_meter() -> dict:
+    """The loss sums of an epoch's finite steps, kept in ``state`` (and so in checkpoints)."""
+    return {"images": 0, **{k: 0.0 for k in RECORD[:5]}}
+
+
+def new_state() -> dict:
+    """A fresh run's progress, counters and history: what checkpoints keep under ``state``."""
+    return {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0,
+            "skipped_images": 0, "history": [], "epoch_meter": new_epoch_meter()}
 
 
 def evaluate(model, loader, dataset: VOCDetection, cfg: TrainConfig, model_cfg: YoloConfig, device) -> dict:
@@ -460,8 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
 
     # ---- resume
-    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_map": -1.0, "bad_steps": 0, "skipped_steps": 0,
-             "skipped_images": 0}
+    state = new_state()
     resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
     ema_state = None
     if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
@@ -469,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict:
         require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
         saved_cfg = YoloConfig(**ckpt["model_config"]).to_dict()   # keys added since it was saved take their defaults
         check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
+        if "config" in ckpt:   # the optimizer state and the step count only fit the same optimizer and batch
+            check_config_compatible(ckpt["config"], asdict(cfg), ("optimizer", "batch_size"), str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on classes {ckpt['class_names']}, not {list(class_names)}")
         load_weights(model, ckpt["model"], resume_path)
@@ -479,23 +504,26 @@ def main(argv: list[str] | None = None) -> dict:
         restore_training_state(ckpt, scaler, rank, world)
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
-    # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py;
-    # built from the (resumed) weights, then given the checkpoint's average when it has one.
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema and ema_state:
-        load_weights(ema.module, ema_state["module"], resume_path, "weight-average")
-        ema.load_state_dict(ema_state)
     raw_model = model
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)   # rank 0's weights
+    # The weight average is what gets evaluated, drawn and used by evaluate.py / detect.py / export.py;
+    # built from the (resumed, broadcast) weights, then given the checkpoint's average when it has one.
+    ema = ModelEMA(raw_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema and ema_state:
+        ema.load_state_dict(ema_state, source=resume_path)
     if cfg.compile:
         model = torch.compile(model)
-    eval_model = ema.module if ema else model          # what is evaluated (may be DDP-wrapped / compiled)
+    # What is evaluated: never the DDP wrapper, whose forward is a collective (it broadcasts buffers)
+    # that a process with an empty or unreadable validation shard would never join.
+    eval_model = ema.module if ema else model if world == 1 else raw_model
     sample_model = ema.module if ema else raw_model    # the same weights as a plain module, for drawing
 
     writer = SummaryWriter(str(out_dir)) if is_main else None
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for p in remove_partial_checkpoints(out_dir):
+            print(f"removed {p}: a checkpoint whose writing was cut off (its process was killed)")
         (out_dir / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": model_cfg.to_dict(),
                                                           "class_names": list(class_names)}, indent=2))
         print(f"run folder: {out_dir}  (tensorboard --logdir {out_dir.parent})")
@@ -509,13 +537,14 @@ def main(argv: list[str] | None = None) -> dict:
         if not is_main:
             return
         save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                         "state": {**state, "history": list(state["history"]),
+                                   "epoch_meter": dict(state["epoch_meter"])},
                          "ema": ema.state_dict() if ema else None,
                          "config": asdict(cfg), "model_config": model_cfg.to_dict(),
                          "class_names": list(class_names), **rngs}, out_dir / name)
 
     # ---- the loop
-    history = []
     last_result = None
     stopper = GracefulStop()
     # Every step's loss terms, one JSON line each (after a crash, the steps redone after resuming
@@ -543,6 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cleanup_distributed()
                 sys.exit(stopper.exit_code)
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            state["epoch_meter"] = new_epoch_meter()
             if writer:
                 writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
             if is_main:
@@ -550,11 +580,11 @@ def main(argv: list[str] | None = None) -> dict:
                       + (f" | {state['skipped_images']} unreadable training images skipped so far"
                          if state["skipped_images"] else ""))
             if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
-                if world > 1 and ema:   # the average's BatchNorm statistics follow each process's own last
-                    for b in ema.module.buffers():   # batches: evaluate (and save) rank 0's on every process
+                if world > 1:   # BatchNorm statistics follow each process's own last batches:
+                    for b in eval_model.buffers():   # evaluate (and save) rank 0's on every process
                         dist.broadcast(b, 0)
                 last_result = evaluate(eval_model, val_loader, val_set, cfg, model_cfg, device)
-                history.append({"epoch": epoch + 1, "map": last_result["map"]})
+                state["history"].append({"epoch": epoch + 1, "map": last_result["map"]})
                 if is_main:
                     print(format_table(last_result))
                     writer.add_scalar("val/mAP50", last_result["map"], state["step"])
@@ -568,7 +598,10 @@ def main(argv: list[str] | None = None) -> dict:
                     state["best_map"] = last_result["map"]
                     checkpoint("best.pt")
             checkpoint("last.pt")
-
+    except BaseException:
+        if writer:   # its queued points reach disk, e.g. the skipped steps that explain a stop
+            writer.close()
+        raise
     finally:
         stopper.restore()   # leave the process's signal handlers as they were
 
@@ -584,7 +617,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         - np.round(r * pc["npos"]), precision=p, recall=r,
                                         global_step=state["step"], num_thresholds=len(r))
         metrics = {"metric": last_result["metric"], "final_map": last_result["map"], "best_map": state["best_map"],
-                   "epochs": state["epoch"], "history": history, "skipped_images": state["skipped_images"],
+                   "epochs": state["epoch"], "history": state["history"], "skipped_images": state["skipped_images"],
                    "skipped_steps": state["skipped_steps"],
                    "final_ap": {k: (None if math.isnan(v) else v) for k, v in last_result["ap"].items()}}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -16,9 +16,9 @@ import functools
 import math
 import os
 import random
+import secrets
 import signal
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -72,7 +72,7 @@ def decode_predictions(out: Tensor, B: int, C: int, image_sizes: Tensor, conf_th
     clipped to it. Each of the S*S*B boxes gets a class-specific score for every class,
     ``conf * Pr(class | object)`` (paper eq. 2; both factors clamped to [0, 1] since the outputs
     are linear), scores <= ``conf_threshold`` are dropped, then per-class NMS at ``nms_iou`` and the
-    ``max_det`` best are kept, sorted by score.
+    ``max_det`` best are kept (0: all), sorted by score.
     """
     N, S = out.shape[0], out.shape[1]
     boxes, conf, cls = split_output(out.float(), B, C)
@@ -87,7 +87,7 @@ def decode_predictions(out: Tensor, B: int, C: int, image_sizes: Tensor, conf_th
         b, s = xyxy[n, box_i], scores[n, box_i, label]
         nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])   # clipping can leave boxes of zero area
         b, s, label = b[nonempty], s[nonempty], label[nonempty]
-        keep = batched_nms(b, s, label, nms_iou)[:max_det]
+        keep = batched_nms(b, s, label, nms_iou)[:max_det or None]
         results.append({"boxes": b[keep], "scores": s[keep], "labels": label[keep]})
     return results
 
@@ -145,23 +145,42 @@ class StaticBatchCompiled(torch.nn.Module):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``obj`` with ``torch.save`` atomically: to a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``. A crash mid-write leaves the old file intact."""
+    """Write ``obj`` with ``torch.save`` atomically: to a temporary file in the same folder
+    (``.<name>.<pid>.<random>.tmp``, created with the usual permissions under the umask), flushed to
+    disk, then renamed over ``path``, and the rename itself synced to disk where the filesystem can.
+    A crash mid-write leaves the old file intact; :func:`remove_partial_checkpoints` clears what a
+    killed process left behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):   # POSIX: the folder's entry, so that the rename survives a power cut
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        except OSError:   # some filesystems cannot sync a folder; the file itself is on disk already
+            pass
+        finally:
+            os.close(dfd)
+
+
+def remove_partial_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`save_checkpoint` leaves in ``folder`` when its process
+    is killed mid-write (a checkpoint's size each); returns them. Call it when a run starts, before
+    any process of the run saves."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -204,11 +223,16 @@ def require_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, script: st
         raise ValueError(f"checkpoint {path} is a {other} checkpoint, not a {script} one{use}")
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}: it is not a complete {script} checkpoint")
+    names = ckpt.get("class_names")
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"checkpoint {path}: its class_names are {names!r}, not a list of names")
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Tensor], path: str | os.PathLike, what: str = "model") -> None:
     """``module.load_state_dict(state)`` (strict), with a mismatch reported as one ``ValueError``
     that names ``path`` and the first differing tensors."""
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: its {what} weights are a {type(state).__name__}, not a state dict")
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
@@ -226,11 +250,21 @@ def gather_rng_states() -> dict[str, Any]:
 def restore_training_state(ckpt: dict[str, Any], scaler: torch.amp.GradScaler, rank: int, world: int) -> None:
     """Resume's GradScaler and RNG part: the scaler's state unless it was saved empty (a run without
     fp16: CPU, bf16 GPU; the scaler then starts fresh), and this process's own RNG streams (dropout)
-    when the checkpoint has them for the same number of processes, else rank 0's."""
+    when the checkpoint has them for the same number of processes. Otherwise rank 0 continues rank 0's
+    streams and every other process reseeds from them and its rank, so that no two draw the same
+    dropout masks."""
     if ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     per_rank = ckpt.get("rng_ranks")
-    set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else ckpt["rng"])
+    if per_rank and len(per_rank) == world:
+        set_rng_state(per_rank[rank])
+        return
+    set_rng_state(ckpt["rng"])
+    if rank:
+        seed = int(torch.randint(0, 2**31, ()).item()) + rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)   # and every CUDA device's
 
 
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -478,8 +512,13 @@ class ModelEMA:
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "ramp": self.ramp}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+    def load_state_dict(self, state: dict, source: str | os.PathLike = "checkpoint") -> None:
+        """The inverse of :meth:`state_dict`; a state that does not fit is one ``ValueError``
+        naming ``source`` (the checkpoint file)."""
+        if not isinstance(state, dict) or "module" not in state or "updates" not in state:
+            raise ValueError(f"checkpoint {source}: its 'ema' entry is not a weight average's state "
+                             "(a dict with 'module' and 'updates')")
+        load_weights(self.module, state["module"], source, "weight-average")
         self._updates.fill_(int(state["updates"]))
 
 

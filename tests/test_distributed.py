@@ -60,3 +60,20 @@ def test_resume_under_torchrun_restores_each_process_rng(tmp_path):
     assert a["state"]["step"] == b["state"]["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_evaluation_with_an_empty_validation_shard_and_no_weight_average(tmp_path):
+    """One validation image for two processes: rank 1's shard is empty. Without a weight average the
+    trained model itself is evaluated; through the DDP wrapper its forward would broadcast the
+    BatchNorm buffers, a collective that rank 1 never joins (the run hung). It is evaluated as the
+    plain module, with rank 0's statistics, and its mAP equals evaluate.py's in one process."""
+    root = tiny_voc(tmp_path / "data", n_trainval=16, n_test=1)
+    out = tmp_path / "run"
+    torchrun("train_detector.py", ["--data", "demo", *TINY, "--data-root", str(root), "--epochs", "1",
+                                   "--batch-size", "8", "--batch-norm", "--ema-decay", "0", "--out-dir", str(out),
+                                   "--conf-threshold", "0.0"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    single = evaluate.main(["--checkpoint", str(out / "last.pt"), "--data", "demo", "--data-root", str(root),
+                            "--set", "2007-test", "--device", "cpu", "--workers", "0", "--conf-threshold", "0.0",
+                            "--no-progress"])
+    assert single["map"] == metrics["final_map"]

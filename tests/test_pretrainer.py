@@ -95,9 +95,9 @@ def test_validation_counts_each_image_once_over_shards(tree: Path) -> None:
     model = Classifier(YoloConfig(C=8, image_size=64, width=0.0625, batch_norm=True), 8).eval()
     cfg = pretrainer.parse_args(["--data", "imagenet", "--no-amp"])
     cpu = torch.device("cpu")
-    full = pretrainer.validate(model, DataLoader(data.val, 3, collate_fn=collate_skip_none), cfg, cpu, 8)
+    full = pretrainer.validate(model, DataLoader(data.val, 3, collate_fn=collate_skip_none), cfg, cpu)
     parts = [pretrainer.validate(model, DataLoader(data.val, 3, sampler=ShardSampler(len(data.val), r, 3),
-                                                   collate_fn=collate_skip_none), cfg, cpu, 8) for r in range(3)]
+                                                   collate_fn=collate_skip_none), cfg, cpu) for r in range(3)]
     assert full["images"] == len(data.val) == sum(p["images"] for p in parts) == 16
     assert full["correct1"] == sum(p["correct1"] for p in parts)
     assert full["correct5"] == sum(p["correct5"] for p in parts)

@@ -54,7 +54,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
               "--epochs", "2", "--eval-interval", "100", "--deterministic", "--save-every-steps", "2", "--seed", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
-    subprocess.run(common + ["--out-dir", str(full)], check=True, env=env, capture_output=True)
+    straight = subprocess.run(common + ["--out-dir", str(full)], check=True, env=env, capture_output=True, text=True)
     crash = tmp_path / "crash"
     proc = subprocess.Popen(common + ["--out-dir", str(crash)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -68,7 +68,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     proc.wait()
     ckpt = load_checkpoint(crash / "last.pt")
     assert 0 < ckpt["state"]["step"] < 12 and ckpt["state"]["step_in_epoch"] > 0
-    subprocess.run(common + ["--out-dir", str(crash), "--resume", "auto"], check=True, env=env, capture_output=True)
+    resumed = subprocess.run(common + ["--out-dir", str(crash), "--resume", "auto"], check=True, env=env,
+                             capture_output=True, text=True)
     a, b = read_log(full / "train_log.jsonl"), read_log(crash / "train_log.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
@@ -77,6 +78,10 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     for wa, wb in ((ca["model"], cb["model"]), (ca["ema"]["module"], cb["ema"]["module"])):  # weights and average
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert ca["ema"]["updates"] == cb["ema"]["updates"] == 12
+    # the resumed epoch's printed loss covers the whole epoch: its sums before the crash were saved
+    epoch_lines = [[l for l in p.stdout.splitlines() if l.startswith("epoch ") and ": train" in l]
+                   for p in (straight, resumed)]
+    assert epoch_lines[0] == epoch_lines[1] and len(epoch_lines[0]) == 2, epoch_lines
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
@@ -125,7 +130,7 @@ def test_nan_step_changes_nothing_and_repeated_nans_stop(tmp_path):
         {**{k: v.clone() for k, v in m.state_dict().items()},
          **{f"opt{i}": st["momentum_buffer"].clone() for i, st in enumerate(opt.state.values())}}))
 
-    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0}
+    state = train_detector.new_state()
     stop = GracefulStop()
     try:
         train_detector.train_one_epoch(model, NaNAt(), opt, sched, scaler, loader, cfg, state, torch.device("cpu"),
@@ -162,7 +167,7 @@ def _one_epoch_setup(tmp_path, scaler_enabled=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     scaler = torch.amp.GradScaler("cpu", enabled=scaler_enabled)
-    state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0}
+    state = train_detector.new_state()
     return cfg, ds, model, opt, sched, scaler, state
 
 
@@ -251,6 +256,48 @@ def test_resume_refuses_incompatible_config(tmp_path):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "-S", "5"])
     with pytest.raises(ValueError, match="head_stride: 1 in .*, 2 now"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--head-stride", "2"])
+    # the optimizer state and the step count fit only the same optimizer and global batch
+    with pytest.raises(ValueError, match=r"last\.pt was trained with .*\n  optimizer: 'adam' in .*, 'sgd' now"):
+        run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--optimizer", "sgd"])
+    with pytest.raises(ValueError, match=r"batch_size: 4 in .*, 2 now"):
+        run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--batch-size", "2"])
+
+
+def test_resumed_run_keeps_its_evaluation_history(tmp_path):
+    """metrics.json lists every evaluation of the run, those before a resume included."""
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    split = tmp_path / "split"
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(split)])
+    half = load_checkpoint(split / "last.pt")
+    assert half["state"]["history"] == [{"epoch": 1, "map": half["state"]["history"][0]["map"]}]
+    run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(split), "--resume", "auto"])
+    metrics = json.loads((split / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["history"][0] == half["state"]["history"][0]
+    assert load_checkpoint(split / "last.pt")["state"]["epoch_meter"]["images"] == 0   # reset for the next epoch
+
+
+def test_max_det_0_keeps_every_detection(tmp_path):
+    from utils import decode_predictions
+    torch.manual_seed(0)
+    out, sizes = torch.rand(2, 7, 7, 30), torch.tensor([[100, 120], [90, 80]])
+    every = decode_predictions(out, 2, 20, sizes, 0.001, 0.5, max_det=7 * 7 * 2 * 20)
+    zero = decode_predictions(out, 2, 20, sizes, 0.001, 0.5, max_det=0)
+    assert min(len(r["scores"]) for r in every) > 300
+    for a, b in zip(every, zero):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [len(r["scores"]) for r in decode_predictions(out, 2, 20, sizes, 0.001, 0.5, max_det=5)] == [5, 5]
+
+
+def test_help_states_each_default_once():
+    import argparse
+    p = argparse.ArgumentParser(formatter_class=train_detector.HelpFormatter)
+    p.add_argument("--no-rescore", dest="rescore", action="store_false", help="confidence target 1")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the --data recipe)")
+    p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold")
+    out = p.format_help()
+    assert "(default: True)" not in out and "(default: None)" not in out
+    assert "(default: 0.5)" in out and out.count("(default:") == 2
 
 
 def test_checkpoint_from_before_head_stride_resumes_as_stride_2(tmp_path):

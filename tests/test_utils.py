@@ -250,3 +250,56 @@ def test_model_ema_update_is_conditional_on_the_device():
         assert ema.updates == ref.updates
     for k, v in ref.module.state_dict().items():       # the same as updating only after the steps taken
         assert torch.equal(v, ema.module.state_dict()[k]), k
+
+
+def test_checkpoints_get_the_umask_permissions_and_cut_off_writes_are_cleared(tmp_path):
+    import os
+    from utils import remove_partial_checkpoints, save_checkpoint
+    old = os.umask(0o027)
+    try:
+        save_checkpoint({"a": torch.ones(1)}, tmp_path / "last.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o640
+    stale = [tmp_path / ".last.pt.123.abcd.tmp", tmp_path / ".best.pt.9.ef01.tmp"]
+    for p in stale:
+        p.write_bytes(b"partial")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert remove_partial_checkpoints(tmp_path) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+
+
+def test_resume_on_another_process_count_gives_each_process_its_own_streams():
+    """Per-process RNG states fit only the same process count; otherwise rank 0 continues rank 0's
+    streams and the others reseed from them and their rank: no two processes draw the same."""
+    from utils import restore_training_state, rng_state
+    torch.manual_seed(5)
+    saved = rng_state()
+    expected = torch.rand(3)
+    ckpt = {"scaler": None, "rng": saved, "rng_ranks": [saved, saved]}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    draws = []
+    for rank in range(3):
+        restore_training_state(ckpt, scaler, rank, world=3)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], expected)
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    restore_training_state(ckpt, scaler, 1, world=3)
+    assert torch.equal(torch.rand(3), draws[1])          # deterministic for a given rank
+    restore_training_state(ckpt, scaler, 1, world=2)     # the same count: the saved stream of rank 1
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_weight_average_state_that_does_not_fit_names_the_file():
+    ema = ModelEMA(torch.nn.Linear(2, 2), 0.9)
+    with pytest.raises(ValueError, match="ckpt.pt: its 'ema' entry"):
+        ema.load_state_dict({"updates": 3}, source="ckpt.pt")
+    with pytest.raises(ValueError, match="ckpt.pt: its weight-average weights do not fit"):
+        ema.load_state_dict({"module": {"weight": torch.zeros(3, 3)}, "updates": 3}, source="ckpt.pt")
+
+
+def test_color_normalize_wants_both_augmentation_factors_or_neither():
+    from dataset import MEAN, STD, color_normalize
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="both exposure and saturation"):
+        color_normalize(images, torch.ones(2), None, MEAN, STD)
