@@ -90,9 +90,12 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
                 return default
             raise DataError(f"{path}: missing <{tag}>")
         try:
-            return float(el.text)
+            value = float(el.text)
         except ValueError:
             raise DataError(f"{path}: <{tag}> is {el.text!r}, not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"{path}: <{tag}> is {el.text.strip()!r}, not a finite number")
+        return value
 
     size = root.find("size")
     width, height = int(num(size, "width", 0)), int(num(size, "height", 0))
@@ -106,8 +109,6 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
         if bb is None:
             raise DataError(f"{path}: object {name!r} has no <bndbox>")
         box = [num(bb, t) for t in ("xmin", "ymin", "xmax", "ymax")]
-        if not all(math.isfinite(v) for v in box):
-            raise DataError(f"{path}: object {name!r} has a non-finite coordinate {box}")
         if box[0] > box[2] or box[1] > box[3]:
             problems.append(f"degenerate box {box} of {name!r} dropped (xmin > xmax or ymin > ymax)")
             continue
@@ -271,9 +272,11 @@ def color_normalize(images: Tensor, exposure: Tensor | None = None, saturation: 
             images = out
         else:
             images = images.contiguous()
+    if (exposure is None) != (saturation is None):
+        raise ValueError("color_normalize: give both exposure and saturation (colour augmentation) or neither")
     x = images.float()                                   # (N, 3, H, W) in 0..255, the one full-size buffer
     mean_t, std_t = _mean_std(x.device, tuple(mean), tuple(std))
-    if exposure is not None and saturation is not None:
+    if exposure is not None:
         N = x.shape[0]
         e, s = exposure.to(x).view(N, 1, 1, 1), saturation.to(x).view(N, 1, 1, 1)
         # max and min over channels on the input's own dtype (uint8: a quarter of the bytes)
@@ -322,11 +325,17 @@ def encode_target(boxes: Tensor | np.ndarray, labels: Tensor | np.ndarray, image
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def read_image(path: Path) -> Tensor:
-    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, palette, 16-bit, CMYK, alpha,
-    EXIF rotation and animation (the first frame) handled; zero-byte, non-image, corrupt, truncated and oversized (decompression
-    bomb) files raise :class:`DataError` naming the file. PNGs (any extension) are decoded by PIL,
-    the rest by torchvision.io."""
+def read_image(path: Path, exif_orientation: bool = False) -> Tensor:
+    """Decode an image file to uint8 RGB ``(3, H, W)``: grayscale, palette, 16-bit, CMYK, alpha and
+    animation (the first frame) handled; zero-byte, non-image, unreadable, truncated and oversized
+    (decompression bomb) files raise :class:`DataError` naming the file. PNGs (any extension) are
+    decoded by PIL, the rest by torchvision.io.
+
+    The pixels are the stored ones, as darknet, the VOC devkit and torchvision's datasets read them,
+    and so as the datasets' boxes refer to them; ``exif_orientation=True`` turns them upright as
+    an EXIF orientation tag says (detect.py, for photos). A JPEG damaged inside its compressed
+    data, not at its end, can decode to wrong pixels with only a libjpeg warning on stderr:
+    :meth:`VOCDetection.check_images` cannot tell those from good ones."""
     try:
         data = torchvision_read(path)
     except OSError as e:
@@ -337,19 +346,20 @@ def read_image(path: Path) -> Tensor:
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)")
     if bytes(data[:8].numpy()) == PNG_SIGNATURE:
-        return decode_png_pil(data, path)
+        return decode_png_pil(data, path, exif_orientation)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # libjpeg warns (not fails) on truncated data
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates io in favour of torchcodec
-            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            img = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
     except (RuntimeError, UserWarning) as e:
         raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
     return img[0] if img.ndim == 4 else img       # an animated GIF: (frames, 3, H, W); its first frame
 
 
-def decode_png_pil(data: Tensor, path: Path) -> Tensor:
-    """PNG bytes -> uint8 RGB ``(3, H, W)`` through PIL. Not torchvision.io: its ``decode_png``
+def decode_png_pil(data: Tensor, path: Path, exif_orientation: bool = False) -> Tensor:
+    """PNG bytes -> uint8 RGB ``(3, H, W)`` through PIL (turned upright by its EXIF orientation with
+    ``exif_orientation``, as in :func:`read_image`). Not torchvision.io: its ``decode_png``
     (torchvision 0.29) kills the process with a segfault on a PNG whose compressed data is
     damaged, and returns uint16 for 16-bit PNGs. 16-bit grey is scaled to 8 bits (v / 257);
     PIL reads 16-bit colour as 8-bit itself."""
@@ -358,7 +368,8 @@ def decode_png_pil(data: Tensor, path: Path) -> Tensor:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # read_image checked the size
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                if exif_orientation:
+                    im = ImageOps.exif_transpose(im)
                 if im.mode.startswith("I"):                       # 16-bit (or 32-bit integer) grey
                     grey = np.asarray(im).astype(np.float64) / 257
                     im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
@@ -373,13 +384,16 @@ def torchvision_read(path: Path) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
-def image_header_size(data: Tensor, path: Path) -> tuple[int, int]:
-    """Width and height from the file header (PIL reads only the header), :class:`DataError` for a
-    file that is no image."""
+def image_header_size(data: Tensor, path: Path, with_orientation: bool = False) -> tuple[int, ...]:
+    """Width and height from the file header (PIL reads only the header), and with
+    ``with_orientation`` its EXIF orientation tag (1, upright, where it has none); :class:`DataError`
+    for a file that is no image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+                if with_orientation:
+                    return (*im.size, int(im.getexif().get(0x0112, 1)))
                 return im.size
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
@@ -400,8 +414,8 @@ class VOCDetection(Dataset):
 
     ``cache_images=True`` keeps every decoded image in memory after its first read (about
     ``H * W * 3`` bytes each: a few hundred MB for the demo, far more for VOC): later epochs skip
-    the JPEG decode. The cache lives in the process that reads, so it lasts with ``--workers 0``
-    or persistent workers.
+    the JPEG decode. The cache lives in the process that reads: it lasts with ``--workers 0``
+    (train_detector.py rebuilds its training loader's worker processes every epoch).
 
     Annotation problems are collected in ``self.report`` (file, reason) rather than stopping:
     ids that are unsafe or duplicated, missing files and unparseable annotations are left out;
@@ -465,22 +479,32 @@ class VOCDetection(Dataset):
 
     def check_images(self, decode: bool = True, progress: bool = False) -> list[tuple[str, str]]:
         """Open every image (``decode=False``: headers only, fast) and return ``(file, reason)`` for
-        each one that would be skipped in training, plus annotation sizes that disagree with the
-        real image (the real size is what the boxes are clipped to)."""
+        each one that would be skipped in training, annotation sizes that disagree with the real
+        image (the real size is what the boxes are clipped to), objects that lie wholly outside it
+        (no pixel to learn from: training drops them; the VOC metric still counts them, as the
+        devkit does), and EXIF orientation tags, which are ignored (:func:`read_image`)."""
         from tqdm import tqdm
         problems = []
         for path, ann in tqdm(self.items, desc="checking images", disable=not progress, leave=False):
             try:
-                if decode:
-                    H, W = read_image(path).shape[-2:]
-                else:
-                    W, H = image_header_size(torchvision_read(path), path)
+                if decode:   # read_image's own checks and messages first
+                    read_image(path)
+                W, H, orientation = image_header_size(torchvision_read(path), path, with_orientation=True)
             except (DataError, OSError) as e:
                 problems.append((str(path), str(e).split(": ", 1)[-1] + "; image skipped"))
                 continue
-            if ann.width and ann.height and (ann.width, ann.height) != (W, H) and (ann.height, ann.width) != (W, H):
+            if orientation != 1:
+                problems.append((str(path), f"EXIF orientation {orientation} ignored: the image and its boxes are "
+                                            "read as stored, unrotated (as darknet and the VOC devkit read them)"))
+            if ann.width and ann.height and (ann.width, ann.height) != (W, H):
                 problems.append((str(path), f"annotation says {ann.width}x{ann.height}, image is {W}x{H}; "
                                             "the real size is used"))
+            b = self.boxes_px(ann, as_array=True)
+            outside = (b[:, 0] >= W) | (b[:, 1] >= H) | (b[:, 2] <= 0) | (b[:, 3] <= 0)
+            for i in np.flatnonzero(outside):
+                problems.append((str(path), f"annotated object {i + 1} ({self.class_names[ann.labels[i]]}, box "
+                                            f"{ann.boxes[i].tolist()}) lies outside the {W}x{H} image: dropped from "
+                                            "training"))
         return problems
 
     def __getitem__(self, index: int):

@@ -272,7 +272,7 @@ VALUE_RANGE = (0.3, 1.0)   # HSV value of class colours: dark enough to contrast
 
 
 def _class_colour(rng: np.random.Generator, name: str, luma_under: np.ndarray) -> np.ndarray:
-    """A colour of ``name``'s hue family (hue +- HUE_JITTER degrees, saturation 0.7..1, value 0.5..1) whose
+    """A colour of ``name``'s hue family (hue +- HUE_JITTER degrees, saturation 0.7..1, value in VALUE_RANGE) whose
     luminance contrasts with what it covers; the brightest or darkest of the family otherwise."""
     hue = (CLASS_HUES[name] + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360 / 360
     sat = rng.uniform(0.7, 1.0)

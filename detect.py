@@ -143,7 +143,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, Tensor | None, str | None]:
         try:
-            image = read_image(self.paths[index])
+            image = read_image(self.paths[index], exif_orientation=True)   # photos: upright, as displayed
         except DataError as e:
             return index, None, None, str(e)
         return index, image, preprocess(image, self.image_size), None

@@ -64,6 +64,10 @@ def bad_tree(tmp_path):
     add("unknown_class", img, XML.format(w=160, h=120, objects=obj(name="unicorn") + obj()))
     add("no_objects", img, XML.format(w=160, h=120, objects=""))
     add("size_disagrees", img, XML.format(w=640, h=480, objects=obj()))
+    add("swapped_size", img, XML.format(w=120, h=160, objects=obj()))
+    add("beyond_image", img, XML.format(w=160, h=120, objects=obj() + obj(x0=170, y0=10, x1=200, y1=50)))
+    add("nan_width", img, XML.format(w="nan", h=120, objects=obj()))
+    add("inf_difficult", img, XML.format(w=160, h=120, objects=obj(difficult="<difficult>inf</difficult>")))
     lst = voc / "ImageSets" / "Main" / "trainval.txt"
     lines = lst.read_text().splitlines() + ids + ["../../etc/passwd", "sub/dir", "000001"]
     lst.write_text("\n".join(lines) + "\n")
@@ -82,12 +86,15 @@ def test_check_data_names_every_problem(bad_tree):
         "huge.jpg": "decompression bomb", "missing_image.jpg": "missing", "malformed_xml.xml": "malformed",
         "entity_xml.xml": "DOCTYPE", "degenerate.xml": "degenerate", "unknown_class.xml": "unicorn",
         "size_disagrees.jpg": "annotation says 640x480", "trainval.txt:": "unsafe image id",
+        "swapped_size.jpg": "annotation says 120x160, image is 160x120",
+        "exif_rotated.jpg": "EXIF orientation 6 ignored", "nan_width.xml": "<width> is 'nan', not a finite number",
+        "inf_difficult.xml": "<difficult> is 'inf', not a finite number",
+        "beyond_image.jpg": "annotated object 2 (circle, box [170.0, 10.0, 200.0, 50.0]) lies outside the 160x120",
     }
     for file, reason in expected.items():
         assert any(file in line and reason in line for line in text.splitlines()), (file, reason, text)
     assert "duplicate image id '000001'" in text
-    for fine in ("gray.jpg", "cmyk.jpg", "alpha_png.jpg", "exif_rotated.jpg", "float_coords", "no_difficult",
-                 "no_objects", "outside"):
+    for fine in ("gray.jpg", "cmyk.jpg", "alpha_png.jpg", "float_coords", "no_difficult", "no_objects", "/outside."):
         assert fine not in text, fine
 
 
@@ -96,7 +103,11 @@ def test_handled_cases_decode_correctly(bad_tree):
     assert read_image(voc / "gray.jpg").shape == (3, 120, 160)
     assert read_image(voc / "cmyk.jpg").shape == (3, 120, 160)
     assert read_image(voc / "alpha_png.jpg").shape == (3, 120, 160)
-    assert read_image(voc / "exif_rotated.jpg").shape == (3, 160, 120)   # displayed orientation
+    # the stored pixels, which VOC boxes refer to; upright as displayed only when asked (detect.py)
+    stored = read_image(voc / "exif_rotated.jpg")
+    assert stored.shape == (3, 120, 160)
+    upright = read_image(voc / "exif_rotated.jpg", exif_orientation=True)
+    torch.testing.assert_close(upright, stored.rot90(-1, (1, 2)))          # orientation 6: 90 degrees clockwise
     ds = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7)
     by_id = {ds.annotation(i).image_id: i for i in range(len(ds))}
     ann = ds.annotation(by_id["float_coords"])
