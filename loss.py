@@ -18,8 +18,9 @@ class YoloLoss(nn.Module):
     cells without an object.
 
     For each object the *responsible* predictor is the one of its cell's B boxes with the highest
-    IoU with it (when all IoUs are 0, the one with the smallest squared coordinate error, as in
-    darknet). Terms, each summed over the batch then divided by N:
+    IoU with it; when all its IoUs are 0, the one closest to it in darknet's ``box_rmse`` sense: the
+    squared error of ``(x / S, y / S, w, h)``, centre offsets and sizes relative to the image (the
+    paper does not say). Terms, each summed over the batch then divided by N:
 
     * ``coord``: lambda_coord * [(x-x^)^2 + (y-y^)^2 + (sqrt w - sqrt w^)^2 + (sqrt h - sqrt h^)^2]
       over responsible predictors (the network outputs sqrt w directly, so this stays finite for
@@ -52,7 +53,9 @@ class YoloLoss(nn.Module):
         with torch.no_grad():
             iou = box_iou_elementwise(cell_boxes_to_xyxy(boxes, S),
                                       cell_boxes_to_xyxy(t_coord.unsqueeze(-2), S))  # (N,S,S,B)
-            sq_err = (boxes - t_coord.unsqueeze(-2)).pow(2).sum(-1)              # (N,S,S,B)
+            p_rel = torch.cat([boxes[..., :2] / S, boxes[..., 2:].square()], -1)   # (N,S,S,B,4)
+            t_rel = torch.cat([t_box[..., :2] / S, t_box[..., 2:]], -1)             # (N,S,S,4)
+            sq_err = (p_rel - t_rel.unsqueeze(-2)).pow(2).sum(-1)                # (N,S,S,B)
             any_overlap = iou.amax(-1, keepdim=True) > 0
             best = torch.where(any_overlap, iou, -sq_err).argmax(-1)            # (N,S,S)
             resp = nn.functional.one_hot(best, B).bool() & obj_mask.unsqueeze(-1)  # (N,S,S,B)

@@ -34,8 +34,9 @@ def loop_loss(pred, target, S, B, C, l_coord=5.0, l_noobj=0.5, rescore=True):
                     for b in range(B):
                         pb = p[4 * b: 4 * b + 4]
                         ious.append(iou_xyxy(cell_box(*pb, r, c, S), tbox))
-                        tc = [t[0], t[1], math.sqrt(t[2]), math.sqrt(t[3])]
-                        errs.append(sum((u - v) ** 2 for u, v in zip(pb, tc)))
+                        # darknet's box_rmse: centre / S and w, h, all relative to the image
+                        errs.append((pb[0] / S - t[0] / S) ** 2 + (pb[1] / S - t[1] / S) ** 2
+                                    + (pb[2] ** 2 - t[2]) ** 2 + (pb[3] ** 2 - t[3]) ** 2)
                     if max(ious) > 0:
                         resp = max(range(B), key=lambda b: (ious[b], -b))
                     else:
@@ -81,6 +82,20 @@ def test_vectorised_loss_equals_loop():
             want = loop_loss(pred.float().double(), target.float().double(), S, B, C, rescore=rescore)
             for k in want:
                 assert math.isclose(float(got[k]), want[k], rel_tol=1e-5, abs_tol=1e-6), (k, float(got[k]), want[k])
+
+
+def test_without_overlap_the_responsible_box_is_darknets_closest():
+    """Target at its cell's centre, 0.01 x 0.01 of the image. Box 0 has its size but sits 0.12 cells
+    off (image-relative error (0.12 / 7)^2 = 2.9e-4), box 1 is centred with size 0 (2e-4): neither
+    overlaps it, and darknet's box_rmse picks box 1 (in cell units with sqrt sizes box 0 would win:
+    0.0144 against 0.02). Box 1's coordinate error is what the coord term then holds."""
+    S, B, C = 7, 2, 1
+    pred, target = torch.zeros(1, S, S, 5 * B + C), torch.zeros(1, S, S, 5 + C)
+    target[0, 3, 3] = torch.tensor([0.5, 0.5, 0.01, 0.01, 1.0, 1.0])
+    pred[0, 3, 3, :8] = torch.tensor([0.62, 0.5, 0.1, 0.1, 0.5, 0.5, 0.0, 0.0])
+    terms = YoloLoss(S, B, C, lambda_coord=1.0, rescore=False)(pred, target)
+    assert math.isclose(float(terms["coord"]), 2 * 0.1 ** 2, rel_tol=1e-5)   # box 1: sqrt sizes 0 vs 0.1
+    assert math.isclose(float(terms["obj"]), 1.0, rel_tol=1e-6)              # box 1's confidence 0, target 1
 
 
 def test_perfect_prediction_gives_zero_loss():
