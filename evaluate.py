@@ -34,7 +34,7 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import (ShardSampler, StaticBatchCompiled, cleanup_distributed, load_checkpoint, predict,
+from utils import (ShardSampler, StaticBatchCompiled, cleanup_distributed, load_checkpoint, load_weights, predict,
                    require_checkpoint, run_cli, setup_distributed, to_channels_last)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
@@ -97,9 +97,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--iou-threshold must be in [0, 1) and --nms-iou in [0, 1]")
     if not 0.0 <= args.conf_threshold <= 1.0:
         p.error(f"--conf-threshold must be in [0, 1], got {args.conf_threshold}")
-    if args.json and Path(args.json).is_dir():   # found now, not after the whole evaluation
+    # output paths that cannot be written are found now, not after the whole evaluation
+    if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json} is a folder; give a file name")
+    if args.json and not_a_folder(Path(args.json).parent):
+        p.error(f"--json {args.json}: {not_a_folder(Path(args.json).parent)} is a file, not a folder")
+    if args.save_results and not_a_folder(Path(args.save_results)):
+        p.error(f"--save-results {args.save_results}: {not_a_folder(Path(args.save_results))} is a file, not a folder")
     return args
+
+
+def not_a_folder(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists, when it is not a folder (so that nothing can
+    be created under it); None when ``path`` can be made or is a folder already."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def default_metric(image_set: str) -> str:
@@ -303,11 +317,11 @@ def load_model(path: str | Path, class_names: Sequence[str] | None = None, data:
     if cfg.C != len(saved):
         raise ValueError(f"checkpoint {path}: model_config has C={cfg.C} but class_names lists {len(saved)} classes")
     model = YOLOv1(cfg)
-    weights = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]   # the weight average when trained with one
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path}: weights do not fit its model_config {cfg}:\n{e}") from None
+    ema = ckpt.get("ema")
+    if ema and not (isinstance(ema, dict) and "module" in ema):
+        raise ValueError(f"checkpoint {path}: its 'ema' entry is not a weight average's state (a dict with 'module')")
+    # the weight average when trained with one
+    load_weights(model, ema["module"] if ema else ckpt["model"], path, "weight-average" if ema else "model")
     return model, cfg, ckpt
 
 

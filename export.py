@@ -112,7 +112,8 @@ def check_export(path: str | Path, model: torch.nn.Module, inputs: Tensor, atol:
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     excess = diff - (atol + rtol * np.abs(ref))
     if (excess > 0).any() or not np.isfinite(ours).all():
-        worst = np.unravel_index(np.nanargmax(excess), excess.shape)
+        bad = ~np.isfinite(ours)   # a NaN or inf of ONNX's is the element to name, whatever the others do
+        worst = np.unravel_index(np.argmax(bad) if bad.any() else np.nanargmax(excess), excess.shape)
         raise AssertionError(f"{path}: ONNX output differs from PyTorch's at {tuple(int(i) for i in worst)}: "
                              f"{ours[worst]} vs {ref[worst]} (atol {atol}, rtol {rtol})")
     return float(diff.max())

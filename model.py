@@ -85,6 +85,8 @@ class YoloConfig:
             raise ValueError(f"head_stride must be 2 (the paper) or 1, got {self.head_stride}")
         if self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.variant == "fast" and self.image_size < 64:   # its six 2x2 max pools
+            raise ValueError(f"Fast YOLO needs an image_size of at least 64, got {self.image_size}")
 
     @property
     def cell_dim(self) -> int:

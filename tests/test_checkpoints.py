@@ -51,6 +51,15 @@ def test_output_paths_that_cannot_be_written_are_refused_first(tmp_path, capsys)
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--bench", "--json", str(tmp_path)])
     assert "is a folder; give a file name" in capsys.readouterr().err
+    for flags, message in ((["--json", str(a_file / "o.json")], "f.txt is a file, not a folder"),
+                           (["--json", str(a_file / "deep" / "o.json")], "f.txt is a file, not a folder"),
+                           (["--save-results", str(a_file)], "f.txt is a file, not a folder"),
+                           (["--save-results", str(a_file / "sub")], "f.txt is a file, not a folder")):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(["--checkpoint", "x.pt", *flags])
+        assert message in capsys.readouterr().err, flags
+    evaluate.parse_args(["--checkpoint", "x.pt", "--json", str(tmp_path / "new" / "o.json"),
+                         "--save-results", str(tmp_path / "results")])   # can be created: accepted
 
 
 def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):

@@ -183,8 +183,16 @@ def test_incompatible_checkpoint_is_refused(demo, tmp_path):
     save_checkpoint({"model": other, "model_config": YoloConfig(**TINY).to_dict(),
                      "class_names": list(DEMO_CLASSES)}, tmp_path / "mixed.pt")
     assert bad.keys() == other.keys()
-    with pytest.raises(ValueError, match=r"mixed\.pt: weights do not fit its model_config"):
+    with pytest.raises(ValueError, match=r"mixed\.pt: its model weights do not fit this model"):
         evaluate.main(["--checkpoint", str(tmp_path / "mixed.pt"), "--data", "demo", "--data-root", str(demo), *RUN])
+    # malformed entries: one ValueError naming the file, never a KeyError / TypeError traceback
+    good = {"model": bad, "model_config": YoloConfig(**TINY).to_dict(), "class_names": list(DEMO_CLASSES)}
+    for name, broken, message in (("ema", {"ema": {"updates": 3}}, "its 'ema' entry is not a weight average"),
+                                  ("notdict", {"model": [1, 2]}, "its model weights are a list, not a state dict"),
+                                  ("names", {"class_names": "abc"}, "its class_names are 'abc', not a list")):
+        save_checkpoint({**good, **broken}, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=rf"{name}\.pt: {message}"):
+            evaluate.load_model(tmp_path / f"{name}.pt")
     save_checkpoint({"model": bad}, tmp_path / "bare.pt")
     with pytest.raises(ValueError, match=r"bare\.pt lacks \['model_config', 'class_names'\]"):
         evaluate.main(["--checkpoint", str(tmp_path / "bare.pt"), "--data", "demo", "--data-root", str(demo), *RUN])

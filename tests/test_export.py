@@ -94,6 +94,17 @@ def test_check_fails_for_a_different_model(tmp_path):
         export.check_export(path, other, x)
 
 
+
+def test_check_names_a_non_finite_onnx_output(monkeypatch):
+    """A NaN in ONNX's output is the element the message names, even where the others agree."""
+    ref = np.zeros((1, 2, 3), np.float32)
+    ours = ref.copy()
+    ours[0, 1, 2] = np.nan
+    monkeypatch.setattr(export, "compare_onnx", lambda *a: (ours, ref))
+    with pytest.raises(AssertionError, match=r"at \(0, 1, 2\): nan vs 0\.0"):
+        export.check_export("m.onnx", None, None)
+
+
 def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tmp_path):
     ckpt = tmp_path / "m.pt"
     _model_with_statistics(ckpt)

@@ -117,6 +117,9 @@ def test_config_validation():
         YoloConfig(variant="tiny")
     with pytest.raises(ValueError):
         YoloConfig(image_size=450)
+    with pytest.raises(ValueError, match="Fast YOLO needs an image_size of at least 64, got 32"):
+        YoloConfig(variant="fast", image_size=32)
+    YoloConfig(variant="yolo", image_size=32)          # five 2x2 pools plus the head's stride-2 conv fit 32
 
 
 def test_he_init_keeps_the_signal_through_the_batchnorm_free_backbone():
