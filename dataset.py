@@ -6,10 +6,14 @@ VOC's 1-based inclusive corners are converted once, in :func:`parse_voc_xml`'s c
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
+import os
 import re
+import sys
+import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -334,8 +338,8 @@ def read_image(path: Path, exif_orientation: bool = False) -> Tensor:
     The pixels are the stored ones, as darknet, the VOC devkit and torchvision's datasets read them,
     and so as the datasets' boxes refer to them; ``exif_orientation=True`` turns them upright as
     an EXIF orientation tag says (detect.py, for photos). A JPEG damaged inside its compressed
-    data, not at its end, can decode to wrong pixels with only a libjpeg warning on stderr:
-    :meth:`VOCDetection.check_images` cannot tell those from good ones."""
+    data, not at its end, decodes to wrong pixels with only a libjpeg warning on stderr, which
+    :meth:`VOCDetection.check_images` (``decode=True``, ``--check-data``) catches and reports."""
     try:
         data = torchvision_read(path)
     except OSError as e:
@@ -355,6 +359,26 @@ def read_image(path: Path, exif_orientation: bool = False) -> Tensor:
     except (RuntimeError, UserWarning) as e:
         raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
     return img[0] if img.ndim == 4 else img       # an animated GIF: (frames, 3, H, W); its first frame
+
+
+@contextlib.contextmanager
+def stderr_of_c_libraries():
+    """Collect what is written to file descriptor 2 inside the block (a list that holds the text
+    once the block ends). libjpeg reports damage inside a JPEG's compressed data there, as a
+    warning, and decodes on with wrong pixels; nothing reaches Python. Used by
+    :meth:`VOCDetection.check_images` around each decode, not in training's loaders."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    text: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.append(tmp.read().decode(errors="replace"))
 
 
 def decode_png_pil(data: Tensor, path: Path, exif_orientation: bool = False) -> Tensor:
@@ -482,17 +506,25 @@ class VOCDetection(Dataset):
         each one that would be skipped in training, annotation sizes that disagree with the real
         image (the real size is what the boxes are clipped to), objects that lie wholly outside it
         (no pixel to learn from: training drops them; the VOC metric still counts them, as the
-        devkit does), and EXIF orientation tags, which are ignored (:func:`read_image`)."""
+        devkit does), EXIF orientation tags, which are ignored (:func:`read_image`), and with
+        ``decode`` the JPEGs that libjpeg decodes only with a warning (damaged compressed data:
+        the pixels may be wrong; training uses them as decoded)."""
         from tqdm import tqdm
         problems = []
         for path, ann in tqdm(self.items, desc="checking images", disable=not progress, leave=False):
             try:
+                warning = ""
                 if decode:   # read_image's own checks and messages first
-                    read_image(path)
+                    with stderr_of_c_libraries() as said:
+                        read_image(path)
+                    warning = " ".join(said[0].split())
                 W, H, orientation = image_header_size(torchvision_read(path), path, with_orientation=True)
             except (DataError, OSError) as e:
                 problems.append((str(path), str(e).split(": ", 1)[-1] + "; image skipped"))
                 continue
+            if warning:
+                problems.append((str(path), f"decoded with a warning ({warning[:200]}): its pixels may be wrong; "
+                                            "used as decoded"))
             if orientation != 1:
                 problems.append((str(path), f"EXIF orientation {orientation} ignored: the image and its boxes are "
                                             "read as stored, unrotated (as darknet and the VOC devkit read them)"))

@@ -53,6 +53,10 @@ def bad_tree(tmp_path):
     exif[0x0112] = 6                     # rotate 90 degrees clockwise when displayed
     add("exif_rotated", jpeg(Image.fromarray(rgb), exif=exif.tobytes()), XML.format(w=120, h=160, objects=obj()))
     add("huge", png_bomb(100_000, 100_000), std_xml)
+    damaged = bytearray(jpeg(Image.fromarray(np.full((120, 160, 3), 200, np.uint8)), quality=90))
+    start = damaged.index(b"\xff\xda") + (len(damaged) - damaged.index(b"\xff\xda")) // 3
+    damaged[start:start + 40] = b"\x55" * 40       # inside the compressed data: libjpeg warns, decodes on
+    add("damaged", bytes(damaged), std_xml)
     add("missing_image", None, std_xml)
     img = jpeg(Image.fromarray(rgb))
     add("malformed_xml", img, "<annotation><object><name>circle")
@@ -87,7 +91,8 @@ def test_check_data_names_every_problem(bad_tree):
         "entity_xml.xml": "DOCTYPE", "degenerate.xml": "degenerate", "unknown_class.xml": "unicorn",
         "size_disagrees.jpg": "annotation says 640x480", "trainval.txt:": "unsafe image id",
         "swapped_size.jpg": "annotation says 120x160, image is 160x120",
-        "exif_rotated.jpg": "EXIF orientation 6 ignored", "nan_width.xml": "<width> is 'nan', not a finite number",
+        "exif_rotated.jpg": "EXIF orientation 6 ignored",
+        "damaged.jpg": "decoded with a warning (Corrupt JPEG data", "nan_width.xml": "<width> is 'nan', not a finite number",
         "inf_difficult.xml": "<difficult> is 'inf', not a finite number",
         "beyond_image.jpg": "annotated object 2 (circle, box [170.0, 10.0, 200.0, 50.0]) lies outside the 160x120",
     }
