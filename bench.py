@@ -29,11 +29,14 @@ Sections, each printed as soon as it is measured (one row per number):
   narrow stem left NCHW; ``--channels-last`` picks one of the last two for the device
   (``utils.to_channels_last``).
 * ``infer``: detector images/s at batch 1 (the paper's FPS) and batch 64, eager fp32, eager bf16,
-  bf16 weights, and replayed as a CUDA graph; decode + NMS milliseconds per image.
+  bf16 weights, and replayed as a CUDA graph; where the batch-64 pass spends its time, layer by
+  layer (the six slowest, with their TFLOP/s); decode + NMS milliseconds per image.
 * ``eval``: seconds to score a 5,000-image VOC split (voc_eval.bench) and to load its annotations
   (evaluate.bench_annotation_loading).
 * ``compile`` (with ``--compile``): the same training step (on the device and end to end from the
-  DataLoader) and inference under torch.compile.
+  DataLoader) and inference under torch.compile as evaluate.py / detect.py ``--amp --channels-last
+  --compile`` run it (``utils.StaticBatchCompiled``: mode reduce-overhead on a GPU, under autocast
+  with the weights cast once; until 2026-11-27 mode default on bf16 weights at batch 64).
 
 FLOPs count a multiply-add as 2 (model.count_params_flops); a trained image costs 3x its forward
 FLOPs (forward + backward). MFU = achieved FLOP/s / the matrix-product peak measured in this run.
@@ -68,7 +71,8 @@ from torch import Tensor
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
 from model import Classifier, YoloConfig, YOLOv1, count_params_flops
-from utils import autocast_dtype, make_optimizer, reuse_freed_memory, start_host_read, to_channels_last
+from utils import (StaticBatchCompiled, autocast_dtype, cast_for_autocast, make_optimizer, reuse_freed_memory,
+                   start_host_read, to_channels_last)
 
 SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
 VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
@@ -869,11 +873,6 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
     nb = cfg.infer_batch
     iters_b = max(3, cfg.infer_iters // 10)
     amp_dtype = autocast_dtype(device)
-    cl = torch.channels_last
-    half = YOLOv1(mcfg).to(device).eval()
-    half.load_state_dict(model.state_dict())
-    half = half.to(dtype=amp_dtype, memory_format=cl)     # bf16 weights: no per-call weight casts at batch 1
-    x1h, xbh = x1.to(amp_dtype).contiguous(memory_format=cl), xb.to(amp_dtype).contiguous(memory_format=cl)
 
     def rate(fn: Callable[[], Any], batch: int, iters: int) -> float:
         with torch.no_grad():
@@ -884,33 +883,42 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
             note = f"{1000 / r:.2f} ms/img; {note}"
         report.add(section, variant, r, "img/s", note, key=key)
 
-    if compiled:
-        for batch, x, mode, key in ((nb, xbh, "default", "infer_compiled_batch_images_per_s"),
-                                    (1, x1h, "reduce-overhead" if device.type == "cuda" else "default",
-                                     "infer_compiled_batch1_images_per_s")):
-            torch._dynamo.reset()   # each batch size its own static-shape compile
-            net = torch.compile(half, mode=mode)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                for _ in range(3):      # reduce-overhead records its CUDA graph on a later call
-                    net(x)
-            sync(device)
-            report.add(section, f"detector infer batch {batch}: compiling", time.perf_counter() - t0, "s", f"mode {mode}")
-            add(f"detector infer batch {batch}, compiled bf16", rate(lambda: net(x), batch,
-                cfg.infer_iters if batch == 1 else iters_b), f"{size}, torch.compile mode {mode}", key)
-        return
-
     def autocast_fwd(net: torch.nn.Module, x: Tensor) -> Tensor:
         with torch.autocast(device.type, dtype=amp_dtype):
             return net(x)
 
+    if compiled:   # what evaluate.py / detect.py --amp --channels-last --compile run
+        prepared = cast_for_autocast(to_channels_last(model), amp_dtype)
+        for batch, x, key in ((nb, xb, "infer_compiled_batch_images_per_s"),
+                              (1, x1, "infer_compiled_batch1_images_per_s")):
+            torch._dynamo.reset()   # each batch size its own static-shape compile
+            net = StaticBatchCompiled(prepared, batch, device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(3):      # reduce-overhead records its CUDA graph on a later call
+                    autocast_fwd(net, x)
+            sync(device)
+            report.add(section, f"detector infer batch {batch}: compiling", time.perf_counter() - t0, "s",
+                       f"mode {net.mode}")
+            add(f"detector infer batch {batch}, compiled bf16", rate(lambda: autocast_fwd(net, x), batch,
+                cfg.infer_iters if batch == 1 else iters_b),
+                f"{size}, utils.StaticBatchCompiled (torch.compile mode {net.mode}) under autocast, weights cast once "
+                "(utils.cast_for_autocast)", key)
+        return
+
+    cl = torch.channels_last
+    half = YOLOv1(mcfg).to(device).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(dtype=amp_dtype, memory_format=cl)     # bf16 weights: no per-call weight casts at batch 1
+    x1h, xbh = x1.to(amp_dtype).contiguous(memory_format=cl), xb.to(amp_dtype).contiguous(memory_format=cl)
     add("detector infer batch 1, fp32 eager", rate(lambda: model(x1), 1, cfg.infer_iters),
         f"{size}; forward only{' (tf32 on)' if device.type == 'cuda' else ''}", "infer_fp32_batch1_images_per_s")
     to_channels_last(model)   # NCHW images, as utils.predict feeds them
     add("detector infer batch 1, bf16 autocast channels_last", rate(lambda: autocast_fwd(model, x1), 1,
-        cfg.infer_iters), "as utils.predict with --amp --channels-last", "infer_autocast_batch1_images_per_s")
+        cfg.infer_iters), "float32 weights cast by autocast on every call", "infer_autocast_batch1_images_per_s")
     add("detector infer batch 1, bf16 weights channels_last", rate(lambda: half(x1h), 1, cfg.infer_iters),
-        "model.to(bfloat16)", "infer_bf16_batch1_images_per_s")
+        "the arithmetic of evaluate.py / detect.py --amp, which cast the weights once (utils.cast_for_autocast)",
+        "infer_bf16_batch1_images_per_s")
     if device.type == "cuda":
         run = cuda_graph_forward(half, x1h)
         add("detector infer batch 1, bf16 CUDA graph", rate(lambda: run(x1h), 1, cfg.infer_iters),
@@ -919,6 +927,7 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
         size, "infer_autocast_batch_images_per_s")
     add(f"detector infer batch {nb}, bf16 weights channels_last", rate(lambda: half(xbh), nb, iters_b), size,
         "infer_bf16_batch_images_per_s")
+    layer_profile(report, section, half, xbh, device, iters_b)
     out = trained_like_outputs(nb, mcfg.S, mcfg.B, mcfg.C, device)
     sizes = torch.tensor([[375.0, 500.0]], device=device).expand(nb, 2)
     sec = time_calls(lambda: decode_predictions(out, mcfg.B, mcfg.C, sizes), max(2, iters_b // 2), 1, device)
@@ -928,6 +937,67 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
     report.add(section, "decode + NMS", 1000 * sec / nb, "ms/img",
                f"utils.decode_predictions, batch {nb}, trained-like outputs: {cand:.0f} candidates, {kept:.0f} kept "
                "per image", key="decode_nms_ms_per_image")
+
+
+def layer_profile(report: Report, section: str, model: torch.nn.Module, x: Tensor, device: torch.device,
+                  iters: int, top: int = 6) -> None:
+    """Where a forward pass spends its time: each conv block, pool and linear layer of ``model`` on
+    batch ``x``, timed with CUDA events (on a CPU, the clock) recorded by forward hooks, averaged
+    over ``iters`` passes; rows for the ``top`` slowest, with their share of the pass and their
+    TFLOP/s (multiply-add = 2), and the sum over all layers."""
+    from model import ConvBlock
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (ConvBlock, torch.nn.MaxPool2d,
+                                                                        torch.nn.Linear))]
+    marks: dict[str, list] = {n: [] for n, _ in layers}
+    flops: dict[str, float] = {}
+
+    def clock() -> Any:
+        if device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def pre(name: str) -> Callable:
+        return lambda m, inp: marks[name].append([clock()])
+
+    def post(name: str) -> Callable:
+        def hook(m, inp, out):
+            marks[name][-1].append(clock())
+            conv = m.conv if isinstance(m, ConvBlock) else m
+            if isinstance(conv, torch.nn.Conv2d):
+                k = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+                flops[name] = 2.0 * out.numel() * k
+            elif isinstance(conv, torch.nn.Linear):
+                flops[name] = 2.0 * out.numel() * conv.in_features
+            else:
+                flops[name] = 0.0
+        return hook
+
+    handles = [h for n, m in layers for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]
+    try:
+        with torch.no_grad():
+            model(x)                               # warm-up, not timed
+            for v in marks.values():
+                v.clear()
+            for _ in range(iters):
+                model(x)
+        sync(device)
+    finally:
+        for h in handles:
+            h.remove()
+    if device.type == "cuda":
+        ms = {n: sum(a.elapsed_time(b) for a, b in v) / len(v) for n, v in marks.items()}
+    else:
+        ms = {n: 1000 * sum(b - a for a, b in v) / len(v) for n, v in marks.items()}
+    total = sum(ms.values())
+    for name in sorted(ms, key=ms.get, reverse=True)[:top]:
+        tflops = flops[name] / (ms[name] / 1000) / 1e12 if ms[name] > 0 else 0.0
+        report.add(section, f"batch {x.shape[0]} layer {name}", ms[name], "ms",
+                   f"{100 * ms[name] / total:.1f}% of the layers' time, {tflops:.3g} TFLOP/s",
+                   key=f"infer_layer_{name.replace('.', '_')}_ms")
+    report.add(section, f"batch {x.shape[0]}: all {len(layers)} layers", total, "ms",
+               "bf16 weights channels_last, eager, timed layer by layer (hooks)", key="infer_layers_total_ms")
 
 
 # ----------------------------------------------------------------------------- section: eval

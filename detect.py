@@ -36,7 +36,8 @@ from tqdm import tqdm
 import draw
 from dataset import MEAN, STD, DataError, color_normalize, read_image, stack_images, warp_image
 from model import YoloConfig, YOLOv1
-from utils import StaticBatchCompiled, autocast_dtype, decode_predictions, parse_device, run_cli, to_channels_last
+from utils import (StaticBatchCompiled, autocast_dtype, cast_for_autocast, decode_predictions, parse_device, run_cli,
+                   to_channels_last)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")   # what torchvision.io decodes
 
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = model.to(device)
     if args.channels_last:
         to_channels_last(model)
+    if args.amp:   # the weights autocast casts, cast once: the same outputs without a cast per batch
+        cast_for_autocast(model, autocast_dtype(device))
     if args.compile:
         model = StaticBatchCompiled(model, args.batch_size, device)
     classes = parse_classes(args.classes, class_names)

@@ -34,8 +34,9 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import (ShardSampler, StaticBatchCompiled, cleanup_distributed, load_checkpoint, load_weights, predict,
-                   require_checkpoint, run_cli, setup_distributed, to_channels_last)
+from utils import (ShardSampler, StaticBatchCompiled, autocast_dtype, cast_for_autocast, cleanup_distributed,
+                   load_checkpoint, load_weights, predict, require_checkpoint, run_cli, setup_distributed,
+                   to_channels_last)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -417,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = model.to(device)
     if args.channels_last:
         to_channels_last(model)
+    if args.amp:   # the weights autocast casts, cast once: the same outputs without a cast per batch
+        cast_for_autocast(model, autocast_dtype(device))
     if args.compile:
         model = StaticBatchCompiled(model, args.batch_size, device)
 

@@ -49,6 +49,10 @@ def test_smoke_run_writes_every_section(tmp_path):
                                                                    / res["demo_step_nchw_images_per_s"])
     assert res["demo_step_nchw_stem_speedup"] == pytest.approx(res["demo_step_channels_last_stem_images_per_s"]
                                                                / res["demo_step_channels_last_all_images_per_s"])
+    # the per-layer profile: its slowest layers are part of its total
+    layers = {k: v for k, v in res.items() if k.startswith("infer_layer_")}
+    assert 1 <= len(layers) <= 6 and all(v > 0 for v in layers.values())
+    assert sum(layers.values()) <= res["infer_layers_total_ms"] * (1 + 1e-9)
     # MFU is achieved FLOP/s over the measured peak, achieved = images/s x 3 x forward FLOPs
     assert res["train_detector_device_mfu_percent"] == pytest.approx(
         100 * res["train_detector_device_tflops"] / res["peak_tflops"])

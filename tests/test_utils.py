@@ -303,3 +303,26 @@ def test_color_normalize_wants_both_augmentation_factors_or_neither():
     images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="both exposure and saturation"):
         color_normalize(images, torch.ones(2), None, MEAN, STD)
+
+
+def test_weights_cast_once_give_autocasts_outputs_bit_for_bit():
+    """cast_for_autocast casts the conv and linear weights as autocast would on every call, and
+    leaves BatchNorm in float32: under autocast the outputs are the same, bit for bit, in both
+    memory formats."""
+    import copy
+    from utils import cast_for_autocast
+    torch.manual_seed(0)
+    model = YOLOv1(YoloConfig(C=5, image_size=64, width=0.0625, batch_norm=True, fc_dim=256)).eval()
+    for m in model.modules():   # non-trivial statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 64, 64)
+    for convert in (lambda m: m, lambda m: to_channels_last(m, min_channels=0)):
+        ref = convert(copy.deepcopy(model))
+        cast = cast_for_autocast(convert(copy.deepcopy(model)), torch.bfloat16)
+        assert cast.head.fc1.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for m in cast.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                   for p in (*m.parameters(), m.running_mean))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ref(x), cast(x))
