@@ -928,6 +928,10 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
     add(f"detector infer batch {nb}, bf16 weights channels_last", rate(lambda: half(xbh), nb, iters_b), size,
         "infer_bf16_batch_images_per_s")
     layer_profile(report, section, half, xbh, device, iters_b)
+    padded, pad = padded_stem(half, 8)
+    add(f"detector infer batch {nb}, bf16 weights channels_last, input padded to 8 channels",
+        rate(lambda: padded(pad(xbh)), nb, iters_b), "zero channels and zero stem weights: the same outputs; "
+        "whether tensor cores want the 3-channel stem padded", "infer_bf16_padded_stem_batch_images_per_s")
     out = trained_like_outputs(nb, mcfg.S, mcfg.B, mcfg.C, device)
     sizes = torch.tensor([[375.0, 500.0]], device=device).expand(nb, 2)
     sec = time_calls(lambda: decode_predictions(out, mcfg.B, mcfg.C, sizes), max(2, iters_b // 2), 1, device)
@@ -937,6 +941,26 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
     report.add(section, "decode + NMS", 1000 * sec / nb, "ms/img",
                f"utils.decode_predictions, batch {nb}, trained-like outputs: {cand:.0f} candidates, {kept:.0f} kept "
                "per image", key="decode_nms_ms_per_image")
+
+
+def padded_stem(model: torch.nn.Module, channels: int) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
+    """A channels_last copy of ``model`` whose first convolution takes ``channels`` input channels,
+    the extra ones with zero weights, and ``pad(x)`` that appends zero channels to an image batch
+    (channels_last): the same outputs up to the convolution's summation order."""
+    import copy
+    net = copy.deepcopy(model)
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    w = conv.weight.data
+    wide = torch.zeros(w.shape[0], channels, *w.shape[2:], dtype=w.dtype, device=w.device)
+    wide[:, :w.shape[1]] = w
+    conv.weight.data = wide.contiguous(memory_format=torch.channels_last)
+    conv.in_channels = channels
+
+    def pad(x: Tensor) -> Tensor:
+        out = x.new_zeros(x.shape[0], channels, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+        out[:, :x.shape[1]] = x
+        return out
+    return net, pad
 
 
 def layer_profile(report: Report, section: str, model: torch.nn.Module, x: Tensor, device: torch.device,
