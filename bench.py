@@ -112,8 +112,9 @@ def bench_config(device: torch.device, smoke: bool = False) -> BenchConfig:
     """Paper sizes on a GPU (~2 minutes eager, ~5 with --compile); narrowed networks on a CPU
     (~1 minute); tiny everything with ``smoke`` (~30 s, for CI)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cuda":
-        return BenchConfig(device=str(device), workers=max(1, min(cpus - 2, 16)))
+    if device.type == "cuda":   # ~10 timed batches per loader worker: workers deliver in waves
+        workers = max(1, min(cpus - 2, 16))
+        return BenchConfig(device=str(device), workers=workers, loader_steps=max(40, 10 * workers))
     cfg = BenchConfig(device=str(device), det_width=0.125, det_batch=4, cls_width=0.25, cls_batch=8, warmup_steps=1,
                       steps=3, loader_steps=3, infer_batch=8, infer_iters=5, pipeline_images=96, files=32,
                       peak_n=1024, workers=1, amp=False, channels_last=False, time_budget_s=1e9)
@@ -474,7 +475,8 @@ def part_pipeline_detector(report: Report, cfg: BenchConfig, ws: Workspace) -> N
     report.add("pipeline", "detector speedup (ours total / straightforward)", ours / r["base"], "x", "goal >= 4x",
                key="pipeline_speedup")
     report.add("pipeline", "detector speedup (worker / straightforward)", r["ours"] / r["base"], "x",
-               "the loader workers' share alone (colour on the GPU)", key="pipeline_speedup_worker")
+               "the loader workers' share alone (on a GPU machine the colour runs on the GPU)",
+               key="pipeline_speedup_worker")
 
 
 def part_pipeline_classifier(report: Report, cfg: BenchConfig, ws: Workspace) -> None:
@@ -529,8 +531,11 @@ class Peak:
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.randn(n, n, device=device, dtype=self.dtype, generator=g)
         b = torch.randn(n, n, device=device, dtype=self.dtype, generator=g)
-        iters = 30 if device.type == "cuda" else 5
-        sec = time_calls(lambda: torch.mm(a, b), iters, warmup=3, device=device)
+        # on a GPU, 25 warm-up products (clocks and power settle) and the best of 3 blocks of 100
+        # (~0.15 s each on an H100): every MFU here is divided by this number
+        iters, warmup = (100, 25) if device.type == "cuda" else (5, 3)
+        sec = min(time_calls(lambda: torch.mm(a, b), iters, warmup=warmup if i == 0 else 0, device=device)
+                  for i in range(3))
         self.tflops = 2 * n ** 3 / sec / 1e12
         return self.tflops
 
@@ -558,6 +563,14 @@ def _loader(dataset, batch: int, n_batches: int, workers: int, device: torch.dev
     kw = dict(persistent_workers=True, prefetch_factor=PREFETCH) if workers > 0 else {}
     return DataLoader(dataset, batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       collate_fn=collate_skip_none, drop_last=True, **kw)
+
+
+def _loader_note(cfg: BenchConfig, device: torch.device) -> str:
+    """How :func:`_loader` loads, as it does on this device."""
+    parts = ["pinned memory"] if device.type == "cuda" else []
+    if cfg.workers > 0:
+        parts.append(f"persistent workers, prefetch {PREFETCH}")
+    return ", ".join(parts) or "in the main process"
 
 
 def _loader_rate(step: Callable, dataset, batch: int, cfg: BenchConfig, device: torch.device, seed: int) -> float:
@@ -660,6 +673,7 @@ def _first_step_then_reset_peak(step: Callable, first: tuple, device: torch.devi
     step(*first)
     sync(device)
     first_peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.empty_cache()   # the trial workspaces' cached blocks go too, or "reserved" would keep them
     torch.cuda.reset_peak_memory_stats(device)
     return first_peak
 
@@ -701,7 +715,7 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
     ds = detector_dataset(ws, cfg.det_size)
     first = next(iter(_loader(ds, cfg.det_batch, 1, 0, device)))
     note = (f"{cfg.det_size} px, width {cfg.det_width}, batch {cfg.det_batch}, {RECIPES['voc']['optimizer']}"
-            f"{' fused' if device.type == 'cuda' else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
+            f"{' fused' if optimizer.defaults.get('fused') else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
             f"{', channels_last' if cfg.channels_last else ''}")
     model.train()
     first_peak = None if compiled else _first_step_then_reset_peak(step, first, device)
@@ -723,6 +737,7 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
         report.add(section, f"detector train {tag}on device, record read at once", rate, "img/s",
                    "each step's numbers read before the next is queued (a sync per step): what the late read saves",
                    key=f"train_detector_{tag.strip() + '_' if compiled else ''}device_sync_images_per_s")
+        del eager_read   # it holds the model and optimizer: the classifier's memory rows come next
     # end to end: the goal (40% MFU from the DataLoader) is about this row, compiled or not
     rate = _loader_rate(step, ds, cfg.det_batch, cfg, device, seed=3 if compiled else 1)
     _report_training(report, section, "detector", f"{tag}end to end ({cfg.workers} workers)", rate, flops, peak, note,
@@ -730,7 +745,7 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
     if not compiled:
         rate = _loader_rate(lambda *batch: None, ds, cfg.det_batch, cfg, device, seed=2)
         report.add(section, f"detector data loader alone ({cfg.workers} workers)", rate, "img/s",
-                   f"pinned memory, persistent workers, prefetch {PREFETCH}", key="loader_detector_images_per_s")
+                   _loader_note(cfg, device), key="loader_detector_images_per_s")
     del model, optimizer, net, step, first
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -757,6 +772,7 @@ def part_demo_step(report: Report, cfg: BenchConfig) -> None:
     boxes = torch.tensor([[20.0, 30.0, 120.0, 110.0], [100.0, 90.0, 200.0, 210.0]]) * size / 224
     target = encode_target(boxes, torch.tensor([0, C - 1]), size, mcfg.S, C).expand(n, -1, -1, -1).contiguous()
     info = torch.tensor([[i, size, size, 1.2, 0.8] for i in range(n)], dtype=torch.float64)
+    images, target, info = images.to(device), target.to(device), info.to(device)   # one fixed batch, on the device
     formats = {"nchw": ("NCHW", lambda m: m),
                "channels_last_all": ("channels_last everywhere", lambda m: to_channels_last(m, min_channels=0)),
                "channels_last_stem": ("channels_last, NCHW stem", lambda m: to_channels_last(m, min_channels=16))}
@@ -801,7 +817,7 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
     ds = classifier_dataset(ws, cfg.cls_size)
     first = next(iter(_loader(ds, cfg.cls_batch, 1, 0, device)))
     note = (f"{cfg.cls_size} px, width {cfg.cls_width}, batch {cfg.cls_batch}, {recipe['optimizer']}"
-            f"{' fused' if device.type == 'cuda' else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
+            f"{' fused' if optimizer.defaults.get('fused') else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
             f"{', channels_last' if cfg.channels_last else ''}")
     model.train()
     first_peak = _first_step_then_reset_peak(step, first, device)
@@ -813,7 +829,7 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
                      "train_classifier_e2e")
     rate = _loader_rate(lambda *batch: None, ds, cfg.cls_batch, cfg, device, seed=2)
     report.add("train", f"classifier data loader alone ({cfg.workers} workers)", rate, "img/s",
-               f"pinned memory, persistent workers, prefetch {PREFETCH}", key="loader_classifier_images_per_s")
+               _loader_note(cfg, device), key="loader_classifier_images_per_s")
     del model, optimizer, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -929,8 +945,9 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
         "infer_bf16_batch_images_per_s")
     layer_profile(report, section, half, xbh, device, iters_b)
     padded, pad = padded_stem(half, 8)
+    xbp = pad(xbh)
     add(f"detector infer batch {nb}, bf16 weights channels_last, input padded to 8 channels",
-        rate(lambda: padded(pad(xbh)), nb, iters_b), "zero channels and zero stem weights: the same outputs; "
+        rate(lambda: padded(xbp), nb, iters_b), "zero channels and zero stem weights: the same outputs; "
         "whether tensor cores want the 3-channel stem padded", "infer_bf16_padded_stem_batch_images_per_s")
     out = trained_like_outputs(nb, mcfg.S, mcfg.B, mcfg.C, device)
     sizes = torch.tensor([[375.0, 500.0]], device=device).expand(nb, 2)
@@ -957,7 +974,8 @@ def padded_stem(model: torch.nn.Module, channels: int) -> tuple[torch.nn.Module,
     conv.in_channels = channels
 
     def pad(x: Tensor) -> Tensor:
-        out = x.new_zeros(x.shape[0], channels, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
+        out = torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last).zero_()
         out[:, :x.shape[1]] = x
         return out
     return net, pad
@@ -1015,11 +1033,11 @@ def layer_profile(report: Report, section: str, model: torch.nn.Module, x: Tenso
     else:
         ms = {n: 1000 * sum(b - a for a, b in v) / len(v) for n, v in marks.items()}
     total = sum(ms.values())
-    for name in sorted(ms, key=ms.get, reverse=True)[:top]:
+    for rank, name in enumerate(sorted(ms, key=ms.get, reverse=True)[:top], 1):
         tflops = flops[name] / (ms[name] / 1000) / 1e12 if ms[name] > 0 else 0.0
-        report.add(section, f"batch {x.shape[0]} layer {name}", ms[name], "ms",
+        report.add(section, f"batch {x.shape[0]} slowest layer {rank}: {name}", ms[name], "ms",
                    f"{100 * ms[name] / total:.1f}% of the layers' time, {tflops:.3g} TFLOP/s",
-                   key=f"infer_layer_{name.replace('.', '_')}_ms")
+                   key=f"infer_slowest_layer_{rank}_ms")
     report.add(section, f"batch {x.shape[0]}: all {len(layers)} layers", total, "ms",
                "bf16 weights channels_last, eager, timed layer by layer (hooks)", key="infer_layers_total_ms")
 

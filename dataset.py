@@ -367,9 +367,16 @@ def stderr_of_c_libraries():
     once the block ends). libjpeg reports damage inside a JPEG's compressed data there, as a
     warning, and decodes on with wrong pixels; nothing reaches Python. Used by
     :meth:`VOCDetection.check_images` around each decode, not in training's loaders."""
-    sys.stderr.flush()
-    saved = os.dup(2)
     text: list[str] = []
+    if sys.stderr is None:   # no stderr at all (pythonw, 2>&-): nothing to catch
+        yield text
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:          # file descriptor 2 closed: the same
+        yield text
+        return
     with tempfile.TemporaryFile() as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
@@ -410,14 +417,18 @@ def torchvision_read(path: Path) -> Tensor:
 
 def image_header_size(data: Tensor, path: Path, with_orientation: bool = False) -> tuple[int, ...]:
     """Width and height from the file header (PIL reads only the header), and with
-    ``with_orientation`` its EXIF orientation tag (1, upright, where it has none); :class:`DataError`
-    for a file that is no image."""
+    ``with_orientation`` its EXIF orientation tag (1, upright, where it has none; 0 where the tag
+    cannot be read); :class:`DataError` for a file that is no image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
                 if with_orientation:
-                    return (*im.size, int(im.getexif().get(0x0112, 1)))
+                    try:
+                        orientation = int(im.getexif().get(0x0112, 1))
+                    except (TypeError, ValueError, OSError, SyntaxError):   # a malformed tag: not a bad image
+                        orientation = 0
+                    return (*im.size, orientation)
                 return im.size
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
@@ -526,8 +537,9 @@ class VOCDetection(Dataset):
                 problems.append((str(path), f"decoded with a warning ({warning[:200]}): its pixels may be wrong; "
                                             "used as decoded"))
             if orientation != 1:
-                problems.append((str(path), f"EXIF orientation {orientation} ignored: the image and its boxes are "
-                                            "read as stored, unrotated (as darknet and the VOC devkit read them)"))
+                tag = f"EXIF orientation {orientation}" if orientation else "an unreadable EXIF orientation tag"
+                problems.append((str(path), f"{tag} ignored: the image and its boxes are read as stored, "
+                                            "unrotated (as darknet and the VOC devkit read them)"))
             if ann.width and ann.height and (ann.width, ann.height) != (W, H):
                 problems.append((str(path), f"annotation says {ann.width}x{ann.height}, image is {W}x{H}; "
                                             "the real size is used"))

@@ -121,7 +121,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     none to state (switches, empty strings)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if "(default:" in (action.help or "") or action.default in (None, "", True, False):
+        if "(default:" in (action.help or "") or action.default is None or action.default == "" \
+                or isinstance(action.default, bool):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -501,6 +502,9 @@ def main(argv: list[str] | None = None) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         ema_state = ckpt.get("ema")
         state.update(ckpt["state"])
+        if "epoch_meter" not in ckpt["state"] and state["step_in_epoch"] and is_main:
+            print(f"{resume_path} predates the saved epoch loss sums: epoch {state['epoch'] + 1}'s printed loss "
+                  "covers only the steps after this resume")
         restore_training_state(ckpt, scaler, rank, world)
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")

@@ -146,13 +146,13 @@ class StaticBatchCompiled(torch.nn.Module):
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``obj`` with ``torch.save`` atomically: to a temporary file in the same folder
-    (``.<name>.<pid>.<random>.tmp``, created with the usual permissions under the umask), flushed to
-    disk, then renamed over ``path``, and the rename itself synced to disk where the filesystem can.
-    A crash mid-write leaves the old file intact; :func:`remove_partial_checkpoints` clears what a
-    killed process left behind."""
+    (:func:`partial_checkpoint_name`, created with the usual permissions under the umask), flushed
+    to disk, then renamed over ``path``, and the rename itself synced to disk. A crash mid-write
+    leaves the old file intact; :func:`remove_partial_checkpoints` clears what a killed process left
+    behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = partial_checkpoint_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -164,23 +164,50 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     if hasattr(os, "O_DIRECTORY"):   # POSIX: the folder's entry, so that the rename survives a power cut
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            os.fsync(dfd)
-        except OSError:   # some filesystems cannot sync a folder; the file itself is on disk already
-            pass
-        finally:
-            os.close(dfd)
+            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:   # the checkpoint is complete and in place; only the rename's durability is unsure
+            warnings.warn(f"{path} is written, but its folder could not be synced ({e}): after a power cut the "
+                          "previous file may be back")
+
+
+PARTIAL_SUFFIX = ".tmp"
+
+
+def partial_checkpoint_name(path: Path, pid: int | None = None) -> Path:
+    """Where :func:`save_checkpoint` writes ``path`` before renaming it: ``.<name>.<pid>.<random>.tmp``
+    beside it (``pid``: this process's by default)."""
+    return path.parent / f".{path.name}.{os.getpid() if pid is None else pid}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
 
 
 def remove_partial_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that :func:`save_checkpoint` leaves in ``folder`` when its process
-    is killed mid-write (a checkpoint's size each); returns them. Call it when a run starts, before
-    any process of the run saves."""
-    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
-    for p in stale:
+    is killed mid-write (a checkpoint's size each), except those of a process still running (a run
+    sharing the folder); returns the deleted files. Call it when a run starts."""
+    stale = []
+    for p in sorted(Path(folder).glob(f".*.pt.*{PARTIAL_SUFFIX}")):
+        pid = p.name.rsplit(".", 3)[-3]
+        if pid.isdigit() and _process_running(int(pid)):
+            continue
         p.unlink(missing_ok=True)
+        stale.append(p)
     return stale
+
+
+def _process_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -52,6 +52,10 @@ def bad_tree(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6                     # rotate 90 degrees clockwise when displayed
     add("exif_rotated", jpeg(Image.fromarray(rgb), exif=exif.tobytes()), XML.format(w=120, h=160, objects=obj()))
+    import struct   # an orientation tag of type ASCII, which PIL will not write: a TIFF block by hand
+    ascii_tag = (b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 0x0112, 2, 4) + b"abc\x00"
+                 + struct.pack("<I", 0))
+    add("exif_ascii", jpeg(Image.fromarray(rgb), exif=ascii_tag), std_xml)
     add("huge", png_bomb(100_000, 100_000), std_xml)
     damaged = bytearray(jpeg(Image.fromarray(np.full((120, 160, 3), 200, np.uint8)), quality=90))
     start = damaged.index(b"\xff\xda") + (len(damaged) - damaged.index(b"\xff\xda")) // 3
@@ -92,7 +96,8 @@ def test_check_data_names_every_problem(bad_tree):
         "size_disagrees.jpg": "annotation says 640x480", "trainval.txt:": "unsafe image id",
         "swapped_size.jpg": "annotation says 120x160, image is 160x120",
         "exif_rotated.jpg": "EXIF orientation 6 ignored",
-        "damaged.jpg": "decoded with a warning (Corrupt JPEG data", "nan_width.xml": "<width> is 'nan', not a finite number",
+        "damaged.jpg": "decoded with a warning (Corrupt JPEG data",
+        "exif_ascii.jpg": "an unreadable EXIF orientation tag ignored", "nan_width.xml": "<width> is 'nan', not a finite number",
         "inf_difficult.xml": "<difficult> is 'inf', not a finite number",
         "beyond_image.jpg": "annotated object 2 (circle, box [170.0, 10.0, 200.0, 50.0]) lies outside the 160x120",
     }
@@ -101,6 +106,16 @@ def test_check_data_names_every_problem(bad_tree):
     assert "duplicate image id '000001'" in text
     for fine in ("gray.jpg", "cmyk.jpg", "alpha_png.jpg", "float_coords", "no_difficult", "no_objects", "/outside."):
         assert fine not in text, fine
+
+
+def test_check_data_without_a_stderr(bad_tree, monkeypatch):
+    """With no stderr (pythonw, 2>&-) the libjpeg capture catches nothing and breaks nothing."""
+    import sys
+    from dataset import stderr_of_c_libraries
+    monkeypatch.setattr(sys, "stderr", None)
+    with stderr_of_c_libraries() as said:
+        image = read_image(bad_tree / "VOCdevkit" / "VOC2007" / "JPEGImages" / "damaged.jpg")
+    assert image.shape == (3, 120, 160) and said == []
 
 
 def test_handled_cases_decode_correctly(bad_tree):
@@ -126,6 +141,7 @@ def test_handled_cases_decode_correctly(bad_tree):
     w, h = target[cell[0, 0], cell[0, 1], 2:4].tolist()
     assert w == pytest.approx(1.0) and h == pytest.approx(21 / 120, abs=1e-6)
     assert ds[by_id["truncated"]] is None and ds[by_id["huge"]] is None
+    assert ds[by_id["exif_ascii"]] is not None             # a malformed EXIF tag does not make it unreadable
 
 
 def test_training_completes_on_bad_data(bad_tree, tmp_path):

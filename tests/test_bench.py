@@ -58,8 +58,9 @@ def test_smoke_run_writes_every_section(tmp_path):
         torch.testing.assert_close(net(pad(x)), model(x))
     assert res["infer_bf16_padded_stem_batch_images_per_s"] > 0
     # the per-layer profile: its slowest layers are part of its total
-    layers = {k: v for k, v in res.items() if k.startswith("infer_layer_")}
+    layers = {k: v for k, v in res.items() if k.startswith("infer_slowest_layer_")}
     assert 1 <= len(layers) <= 6 and all(v > 0 for v in layers.values())
+    assert [layers[f"infer_slowest_layer_{i}_ms"] for i in range(1, len(layers) + 1)] == sorted(layers.values())[::-1]
     assert sum(layers.values()) <= res["infer_layers_total_ms"] * (1 + 1e-9)
     # MFU is achieved FLOP/s over the measured peak, achieved = images/s x 3 x forward FLOPs
     assert res["train_detector_device_mfu_percent"] == pytest.approx(

@@ -295,9 +295,10 @@ def test_help_states_each_default_once():
     p.add_argument("--no-rescore", dest="rescore", action="store_false", help="confidence target 1")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: from the --data recipe)")
     p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold")
+    p.add_argument("--seed", type=int, default=0, help="random seed")    # 0 == False: still shown
     out = p.format_help()
     assert "(default: True)" not in out and "(default: None)" not in out
-    assert "(default: 0.5)" in out and out.count("(default:") == 2
+    assert "(default: 0.5)" in out and "random seed (default: 0)" in out and out.count("(default:") == 3
 
 
 def test_checkpoint_from_before_head_stride_resumes_as_stride_2(tmp_path):

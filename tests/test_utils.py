@@ -86,7 +86,7 @@ def test_to_channels_last_keeps_a_narrow_stem_nchw_and_the_outputs_equal():
 def test_to_channels_last_keeps_the_narrow_stem_nchw_on_a_cpu_only_with_amx(monkeypatch, amx):
     """The default layout follows keeps_narrow_stem_nchw: the 8-filter stem NCHW on a CPU with AMX,
     channels_last everywhere on one without (where the NCHW 7x7 stem conv is the slow part)."""
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert keeps_narrow_stem_nchw(torch.device("cpu")) is amx
     assert keeps_narrow_stem_nchw(torch.device("cuda")) is True
     model = to_channels_last(YOLOv1(YoloConfig(C=5, image_size=64, width=0.0625, batch_norm=True, fc_dim=1024)))
@@ -254,19 +254,26 @@ def test_model_ema_update_is_conditional_on_the_device():
 
 def test_checkpoints_get_the_umask_permissions_and_cut_off_writes_are_cleared(tmp_path):
     import os
-    from utils import remove_partial_checkpoints, save_checkpoint
+    import subprocess
+    import sys
+    from utils import partial_checkpoint_name, remove_partial_checkpoints, save_checkpoint
     old = os.umask(0o027)
     try:
         save_checkpoint({"a": torch.ones(1)}, tmp_path / "last.pt")
     finally:
         os.umask(old)
-    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o640
-    stale = [tmp_path / ".last.pt.123.abcd.tmp", tmp_path / ".best.pt.9.ef01.tmp"]
-    for p in stale:
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o640    # mkstemp's own would be 0o600
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)                                        # a process that has ended
+    stale = [partial_checkpoint_name(tmp_path / "last.pt", dead_pid),
+             partial_checkpoint_name(tmp_path / "best.pt", dead_pid),
+             tmp_path / ".last.pt.k2x9q1.tmp"]                         # as mkstemp named them before
+    live = partial_checkpoint_name(tmp_path / "last.pt", os.getppid())  # a running process's save in progress
+    for p in (*stale, live):
         p.write_bytes(b"partial")
     (tmp_path / "notes.tmp").write_text("not ours")
     assert remove_partial_checkpoints(tmp_path) == sorted(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pt", "notes.tmp", live.name])
 
 
 def test_resume_on_another_process_count_gives_each_process_its_own_streams():
