@@ -562,21 +562,6 @@ class ModelEMA:
         self._updates.fill_(int(state["updates"]))
 
 
-class AverageMeter:
-    """Running sum/count/average of a scalar, as in pytorch/examples."""
-
-    def __init__(self) -> None:
-        self.sum, self.count = 0.0, 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += value * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
-
-
 def print_problems(problems: list[tuple[str, str]], show_all: bool, limit: int = 20) -> None:
     """Print ``(where, why)`` data problems, indented; the first ``limit`` unless ``show_all``
     (--check-data lists them all)."""

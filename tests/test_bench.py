@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -11,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import bench
-from model import YoloConfig, YOLOv1
 from dataset import VOCDetection, read_image
+from model import YoloConfig, YOLOv1
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,5 @@
 import colorsys
 import io
-import math
 
 import numpy as np
 import pytest

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import evaluate
 from helpers import TINY, tiny_voc
 
