@@ -36,7 +36,8 @@ Sections, each printed as soon as it is measured (one row per number):
 * ``compile`` (with ``--compile``): the same training step (on the device and end to end from the
   DataLoader) and inference under torch.compile as evaluate.py / detect.py ``--amp --channels-last
   --compile`` run it (``utils.StaticBatchCompiled``: mode reduce-overhead on a GPU, under autocast
-  with the weights cast once; until 2026-11-27 mode default on bf16 weights at batch 64).
+  with the weights cast once; until 2026-11-27 mode default on bf16 weights at batch 64), and on a
+  GPU, last, batch 64 under mode max-autotune.
 
 FLOPs count a multiply-add as 2 (model.count_params_flops); a trained image costs 3x its forward
 FLOPs (forward + backward). MFU = achieved FLOP/s / the matrix-product peak measured in this run.
@@ -960,6 +961,36 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
                "per image", key="decode_nms_ms_per_image")
 
 
+def part_infer_autotuned(report: Report, cfg: BenchConfig) -> None:
+    """GPU only: batch-64 inference compiled with mode max-autotune (inductor benchmarks its own
+    Triton kernels against cuDNN's for every layer, and replays a CUDA graph), the prepared model
+    and autocast as in the compile section: whether the slow compile buys the batch-64 goal. Last,
+    under its own time limit, since autotuning can take minutes."""
+    device = torch.device(cfg.device)
+    amp_dtype = autocast_dtype(device)
+    model = YOLOv1(YoloConfig(image_size=cfg.det_size, width=cfg.det_width)).to(device).eval()
+    prepared = cast_for_autocast(to_channels_last(model), amp_dtype)
+    x = _inference_inputs(cfg, cfg.infer_batch, device)
+    torch._dynamo.reset()
+    net = torch.compile(prepared, mode="max-autotune", dynamic=False)
+
+    def fwd() -> Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype):
+            return net(x)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(3):
+            fwd()
+    sync(device)
+    report.add("compile", f"detector infer batch {cfg.infer_batch}: compiling, max-autotune", time.perf_counter() - t0,
+               "s", "")
+    with torch.no_grad():
+        sec = time_calls(fwd, max(3, cfg.infer_iters // 10), warmup=3, device=device)
+    report.add("compile", f"detector infer batch {cfg.infer_batch}, compiled max-autotune", cfg.infer_batch / sec,
+               "img/s", "torch.compile mode max-autotune under autocast, weights cast once",
+               key="infer_compiled_autotune_batch_images_per_s")
+
+
 def padded_stem(model: torch.nn.Module, channels: int) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
     """A channels_last copy of ``model`` whose first convolution takes ``channels`` input channels,
     the extra ones with zero weights, and ``pad(x)`` that appends zero channels to an image batch
@@ -1162,6 +1193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("compile", "train detector", lambda: part_train_detector(report, cfg, ws, peak, compiled=True), 240),
         ("compile", "infer detector", lambda: part_infer(report, cfg, compiled=True), 240),
     ]
+    if device.type == "cuda":   # minutes of autotuning on a CPU for a number no one needs there
+        parts.append(("compile", "infer autotuned", lambda: part_infer_autotuned(report, cfg), 180))
     start = time.perf_counter()
     try:
         for section, part, fn, limit in parts:
