@@ -2,7 +2,8 @@
 
     python bench.py                                   # whatever device it finds; ~1 minute on a CPU
     python bench.py --json runs/bench.json            # also write the table as JSON (incrementally)
-    python bench.py --compile                         # add torch.compile rows (1-3 minutes of compiling)
+    python bench.py --compile                         # add torch.compile rows (1-3 minutes of compiling; on
+                                                      # a GPU up to 3 more for max-autotune, within --time-budget)
     python bench.py --only pipeline,eval              # a subset of: pipeline, peak, train, demo, infer, eval, compile
     python bench.py --smoke                           # tiny sizes, ~30 s: what CI runs
 
@@ -30,7 +31,9 @@ Sections, each printed as soon as it is measured (one row per number):
   (``utils.to_channels_last``).
 * ``infer``: detector images/s at batch 1 (the paper's FPS) and batch 64, eager fp32, eager bf16,
   bf16 weights, and replayed as a CUDA graph; where the batch-64 pass spends its time, layer by
-  layer (the six slowest, with their TFLOP/s); decode + NMS milliseconds per image.
+  layer (the six slowest conv blocks, pools or linear layers, with their TFLOP/s; a conv block's
+  time includes its activation); the batch-64 pass with the 3-channel input padded to 8 channels
+  (padded beforehand, not timed; zero weights, the same outputs); decode + NMS milliseconds per image.
 * ``eval``: seconds to score a 5,000-image VOC split (voc_eval.bench) and to load its annotations
   (evaluate.bench_annotation_loading).
 * ``compile`` (with ``--compile``): the same training step (on the device and end to end from the
@@ -110,7 +113,7 @@ class BenchConfig:
 
 
 def bench_config(device: torch.device, smoke: bool = False) -> BenchConfig:
-    """Paper sizes on a GPU (~2 minutes eager, ~5 with --compile); narrowed networks on a CPU
+    """Paper sizes on a GPU (~2 minutes eager, ~5-8 with --compile, the 420 s budget permitting); narrowed networks on a CPU
     (~1 minute); tiny everything with ``smoke`` (~30 s, for CI)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":   # ~10 timed batches per loader worker: workers deliver in waves
@@ -948,8 +951,9 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
     padded, pad = padded_stem(half, 8)
     xbp = pad(xbh)
     add(f"detector infer batch {nb}, bf16 weights channels_last, input padded to 8 channels",
-        rate(lambda: padded(xbp), nb, iters_b), "zero channels and zero stem weights: the same outputs; "
-        "whether tensor cores want the 3-channel stem padded", "infer_bf16_padded_stem_batch_images_per_s")
+        rate(lambda: padded(xbp), nb, iters_b), "zero channels and zero stem weights: the same outputs; padded "
+        "beforehand, not timed; whether tensor cores want the 3-channel stem padded",
+        "infer_bf16_padded_stem_batch_images_per_s")
     out = trained_like_outputs(nb, mcfg.S, mcfg.B, mcfg.C, device)
     sizes = torch.tensor([[375.0, 500.0]], device=device).expand(nb, 2)
     sec = time_calls(lambda: decode_predictions(out, mcfg.B, mcfg.C, sizes), max(2, iters_b // 2), 1, device)
