@@ -75,7 +75,7 @@ from torch import Tensor
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
 from model import Classifier, YoloConfig, YOLOv1, count_params_flops
-from utils import (StaticBatchCompiled, autocast_dtype, cast_for_autocast, make_optimizer, reuse_freed_memory,
+from utils import (autocast_dtype, make_optimizer, prepare_for_inference, reuse_freed_memory,
                    start_host_read, to_channels_last)
 
 SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
@@ -908,11 +908,10 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
             return net(x)
 
     if compiled:   # what evaluate.py / detect.py --amp --channels-last --compile run
-        prepared = cast_for_autocast(to_channels_last(model), amp_dtype)
         for batch, x, key in ((nb, xb, "infer_compiled_batch_images_per_s"),
                               (1, x1, "infer_compiled_batch1_images_per_s")):
             torch._dynamo.reset()   # each batch size its own static-shape compile
-            net = StaticBatchCompiled(prepared, batch, device)
+            net = prepare_for_inference(model, device, channels_last=True, amp=True, compile_batch=batch)
             t0 = time.perf_counter()
             with torch.no_grad():
                 for _ in range(3):      # reduce-overhead records its CUDA graph on a later call
@@ -973,7 +972,7 @@ def part_infer_autotuned(report: Report, cfg: BenchConfig) -> None:
     device = torch.device(cfg.device)
     amp_dtype = autocast_dtype(device)
     model = YOLOv1(YoloConfig(image_size=cfg.det_size, width=cfg.det_width)).to(device).eval()
-    prepared = cast_for_autocast(to_channels_last(model), amp_dtype)
+    prepared = prepare_for_inference(model, device, channels_last=True, amp=True)
     x = _inference_inputs(cfg, cfg.infer_batch, device)
     torch._dynamo.reset()
     net = torch.compile(prepared, mode="max-autotune", dynamic=False)

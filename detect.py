@@ -36,8 +36,7 @@ from tqdm import tqdm
 import draw
 from dataset import MEAN, STD, DataError, color_normalize, read_image, stack_images, warp_image
 from model import YoloConfig, YOLOv1
-from utils import (StaticBatchCompiled, autocast_dtype, cast_for_autocast, decode_predictions, parse_device, run_cli,
-                   to_channels_last)
+from utils import autocast_dtype, decode_predictions, not_a_folder, parse_device, prepare_for_inference, run_cli
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")   # what torchvision.io decodes
 
@@ -209,8 +208,8 @@ def claim_out_dir(out_dir: str, name: str) -> Path:
     that does not exist, created atomically (two runs started together get different folders)."""
     if out_dir:
         path = Path(out_dir)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"--out-dir {path} is a file, not a folder")
+        if not_a_folder(path):
+            raise ValueError(f"--out-dir {path}: {not_a_folder(path)} is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
         return path
     base = Path("runs/detect") / name
@@ -261,13 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--device {args.device} was asked for but CUDA is not available")
     files = find_images(args.sources)
     model, cfg, class_names, ckpt = load_detector(args.checkpoint)
-    model = model.to(device)
-    if args.channels_last:
-        to_channels_last(model)
-    if args.amp:   # the weights autocast casts, cast once: the same outputs without a cast per batch
-        cast_for_autocast(model, autocast_dtype(device))
-    if args.compile:
-        model = StaticBatchCompiled(model, args.batch_size, device)
+    model = prepare_for_inference(model, device, args.channels_last, args.amp, args.batch_size if args.compile else 0)
     classes = parse_classes(args.classes, class_names)
     name = args.name or Path(args.checkpoint).resolve().parent.name or "exp"
     out_dir = claim_out_dir(args.out_dir, name)

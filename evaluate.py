@@ -34,9 +34,8 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import (ShardSampler, StaticBatchCompiled, autocast_dtype, cast_for_autocast, cleanup_distributed,
-                   load_checkpoint, load_weights, predict, require_checkpoint, run_cli, setup_distributed,
-                   to_channels_last)
+from utils import (ShardSampler, cleanup_distributed, load_checkpoint, load_weights, not_a_folder, predict,
+                   prepare_for_inference, require_checkpoint, run_cli, setup_distributed)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -107,14 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--save-results {args.save_results}: {not_a_folder(Path(args.save_results))} is a file, not a folder")
     return args
 
-
-def not_a_folder(path: Path) -> Path | None:
-    """The first of ``path`` and its parents that exists, when it is not a folder (so that nothing can
-    be created under it); None when ``path`` can be made or is a folder already."""
-    for p in (path, *path.parents):
-        if p.exists():
-            return None if p.is_dir() else p
-    return None
 
 
 def default_metric(image_set: str) -> str:
@@ -415,13 +406,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     root, class_names = data_source(args)
     model, cfg, ckpt = load_model(args.checkpoint, class_names, args.data)
-    model = model.to(device)
-    if args.channels_last:
-        to_channels_last(model)
-    if args.amp:   # the weights autocast casts, cast once: the same outputs without a cast per batch
-        cast_for_autocast(model, autocast_dtype(device))
-    if args.compile:
-        model = StaticBatchCompiled(model, args.batch_size, device)
+    model = prepare_for_inference(model, device, args.channels_last, args.amp, args.batch_size if args.compile else 0)
 
     # ---- data: the same dataset and ground truth as train_detector.evaluate
     t0 = time.perf_counter()

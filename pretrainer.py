@@ -45,11 +45,11 @@ from dataset import MEAN, STD, collate_skip_none, color_normalize
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, make_optimizer,
-                   load_weights, print_problems, remove_partial_checkpoints, require_checkpoint, run_cli,
-                   save_checkpoint, sum_over_ranks,
-                   restore_training_state, restore_unless, reuse_freed_memory, seed_everything,
-                   setup_distributed, start_host_read, step_if_finite, step_scheduler, to_channels_last)
+                   check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, load_weights,
+                   make_optimizer, print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
+                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, save_checkpoint,
+                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
+                   sum_over_ranks, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -288,17 +288,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
         utils.start_host_read), the meters, counts and logs."""
         v = dict(zip(RECORD, read())) if read is not None else None
         if v and not v["finite"]:
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
-            if is_main:
-                tqdm.write(f"non-finite loss or gradient at step {step}: loss={v['loss']} "
-                           f"grad_norm={v['grad_norm']}; step skipped ({state['skipped_steps']} so far)")
-                if writer:
-                    writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
-                                         f"last loss={v['loss']}, grad_norm={v['grad_norm']}. The last good "
-                                         "checkpoint is intact.")
+            record_bad_step(state, step, f"loss={v['loss']}, grad_norm={v['grad_norm']}", cfg.max_bad_steps, is_main,
+                            writer)
         elif v:
             state["bad_steps"] = 0
             meter["loss_sum"] += v["loss"] * n

@@ -35,9 +35,10 @@ from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backb
 from utils import (GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
                    autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
-                   print_problems, remove_partial_checkpoints, require_checkpoint, restore_training_state,
-                   restore_unless, reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed,
-                   start_host_read, step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
+                   print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
+                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, save_checkpoint,
+                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
+                   sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -301,16 +302,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
             for k, v in vals.items():
                 meter[k] += v * n
         elif values:
-            state["bad_steps"] += 1
-            state["skipped_steps"] += 1
-            if is_main:
-                tqdm.write(f"non-finite loss or gradient at step {step}: {format_loss(vals)} "
-                           f"grad_norm={values['grad_norm']:.4g}; step skipped")
-            if writer:
-                writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); "
-                                         f"last loss terms: {format_loss(vals)}. The last good checkpoint is intact.")
+            record_bad_step(state, step, f"loss terms {format_loss(vals)}, grad_norm={values['grad_norm']:.4g}",
+                            cfg.max_bad_steps, is_main, writer)
         if is_main:
             rate = seen * (dist.get_world_size() if dist.is_initialized() else 1) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{meter['total'] / max(meter['images'], 1):.3f}", lr=f"{lr:.2e}",

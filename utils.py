@@ -144,6 +144,15 @@ class StaticBatchCompiled(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def not_a_folder(path: Path) -> Path | None:
+    """The first of ``path`` and its parents that exists, when it is not a folder (so that nothing can
+    be created under it); None when ``path`` can be made or is a folder already."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``obj`` with ``torch.save`` atomically: to a temporary file in the same folder
     (:func:`partial_checkpoint_name`, created with the usual permissions under the umask), flushed
@@ -288,10 +297,7 @@ def restore_training_state(ckpt: dict[str, Any], scaler: torch.amp.GradScaler, r
         return
     set_rng_state(ckpt["rng"])
     if rank:
-        seed = int(torch.randint(0, 2**31, ()).item()) + rank
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)   # and every CUDA device's
+        seed_everything(int(torch.randint(0, 2**31, ()).item()) + rank)   # torch's seeds every CUDA device too
 
 
 def check_config_compatible(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -474,6 +480,19 @@ def to_channels_last(model: torch.nn.Module, min_channels: int | None = None) ->
     return model
 
 
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, channels_last: bool = False,
+                          amp: bool = False, compile_batch: int = 0) -> torch.nn.Module:
+    """``model`` on ``device`` the way evaluate.py and detect.py run it: ``--channels-last``
+    (:func:`to_channels_last`), ``--amp`` (:func:`cast_for_autocast`; call it under autocast), and
+    ``--compile`` at batch ``compile_batch`` (:class:`StaticBatchCompiled`; 0: eager)."""
+    model = model.to(device)
+    if channels_last:
+        to_channels_last(model)
+    if amp:   # the weights autocast casts, cast once: the same outputs without a cast per batch
+        cast_for_autocast(model, autocast_dtype(device))
+    return StaticBatchCompiled(model, compile_batch, device) if compile_batch else model
+
+
 def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast the weights of ``model``'s convolutions and linear layers to ``dtype`` once, for
     inference under ``torch.autocast(dtype=dtype)``, which would otherwise cast them on every call
@@ -569,6 +588,24 @@ def print_problems(problems: list[tuple[str, str]], show_all: bool, limit: int =
         print(f"  {where}: {why}")
     if len(problems) > limit and not show_all:
         print(f"  ... and {len(problems) - limit} more (--check-data lists them all)")
+
+
+def record_bad_step(state: dict, step: int, detail: str, max_bad_steps: int, is_main: bool, writer=None) -> None:
+    """The bookkeeping of a non-finite step, one for both training loops: counted in ``state``
+    (``bad_steps`` in a row, ``skipped_steps`` in all), printed on the main process and logged
+    (``writer``, the main process's), and ``FloatingPointError`` once ``max_bad_steps`` come in a
+    row. ``detail`` names the step's loss and gradient norm."""
+    from tqdm import tqdm
+    state["bad_steps"] += 1
+    state["skipped_steps"] += 1
+    if is_main:
+        tqdm.write(f"non-finite loss or gradient at step {step}: {detail}; step skipped "
+                   f"({state['skipped_steps']} so far)")
+    if writer:
+        writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
+    if state["bad_steps"] >= max_bad_steps:
+        raise FloatingPointError(f"{state['bad_steps']} consecutive non-finite steps (--max-bad-steps); last "
+                                 f"{detail}. The last good checkpoint is intact.")
 
 
 def format_loss(terms: dict[str, float]) -> str:
