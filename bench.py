@@ -32,8 +32,9 @@ Sections, each printed as soon as it is measured (one row per number):
 * ``infer``: detector images/s at batch 1 (the paper's FPS) and batch 64, eager fp32, eager bf16,
   bf16 weights, and replayed as a CUDA graph; where the batch-64 pass spends its time, layer by
   layer (the six slowest conv blocks, pools or linear layers, with their TFLOP/s; a conv block's
-  time includes its activation); the batch-64 pass with the 3-channel input padded to 8 channels
-  (padded beforehand, not timed; zero weights, the same outputs); decode + NMS milliseconds per image.
+  time includes its activation); the stem convolution alone at batch 64, direct and as
+  space-to-depth (``model.SpaceToDepthConv2d``, which runs the latter on GPUs); decode + NMS
+  milliseconds per image.
 * ``eval``: seconds to score a 5,000-image VOC split (voc_eval.bench) and to load its annotations
   (evaluate.bench_annotation_loading).
 * ``compile`` (with ``--compile``): the same training step (on the device and end to end from the
@@ -74,7 +75,8 @@ from torch import Tensor
 
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
-from model import Classifier, YoloConfig, YOLOv1, count_params_flops
+from model import (SPACE_TO_DEPTH_DEVICES, Classifier, YoloConfig, YOLOv1, count_params_flops,
+                   space_to_depth_conv2d)
 from utils import (autocast_dtype, make_optimizer, prepare_for_inference, reuse_freed_memory,
                    start_host_read, to_channels_last)
 
@@ -947,12 +949,7 @@ def part_infer(report: Report, cfg: BenchConfig, compiled: bool = False) -> None
     add(f"detector infer batch {nb}, bf16 weights channels_last", rate(lambda: half(xbh), nb, iters_b), size,
         "infer_bf16_batch_images_per_s")
     layer_profile(report, section, half, xbh, device, iters_b)
-    padded, pad = padded_stem(half, 8)
-    xbp = pad(xbh)
-    add(f"detector infer batch {nb}, bf16 weights channels_last, input padded to 8 channels",
-        rate(lambda: padded(xbp), nb, iters_b), "zero channels and zero stem weights: the same outputs; padded "
-        "beforehand, not timed; whether tensor cores want the 3-channel stem padded",
-        "infer_bf16_padded_stem_batch_images_per_s")
+    stem_forms(report, section, half.backbone.layers.conv1.conv, xbh, device, iters_b)
     out = trained_like_outputs(nb, mcfg.S, mcfg.B, mcfg.C, device)
     sizes = torch.tensor([[375.0, 500.0]], device=device).expand(nb, 2)
     sec = time_calls(lambda: decode_predictions(out, mcfg.B, mcfg.C, sizes), max(2, iters_b // 2), 1, device)
@@ -994,25 +991,24 @@ def part_infer_autotuned(report: Report, cfg: BenchConfig) -> None:
                key="infer_compiled_autotune_batch_images_per_s")
 
 
-def padded_stem(model: torch.nn.Module, channels: int) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]]:
-    """A channels_last copy of ``model`` whose first convolution takes ``channels`` input channels,
-    the extra ones with zero weights, and ``pad(x)`` that appends zero channels to an image batch
-    (channels_last): the same outputs up to the convolution's summation order."""
-    import copy
-    net = copy.deepcopy(model)
-    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
-    w = conv.weight.data
-    wide = torch.zeros(w.shape[0], channels, *w.shape[2:], dtype=w.dtype, device=w.device)
-    wide[:, :w.shape[1]] = w
-    conv.weight.data = wide.contiguous(memory_format=torch.channels_last)
-    conv.in_channels = channels
-
-    def pad(x: Tensor) -> Tensor:
-        out = torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last).zero_()
-        out[:, :x.shape[1]] = x
-        return out
-    return net, pad
+def stem_forms(report: Report, section: str, stem: torch.nn.Conv2d, x: Tensor, device: torch.device,
+               iters: int) -> None:
+    """The stem convolution alone on batch ``x``, in its two forms (model.SpaceToDepthConv2d): the
+    direct stride-2 convolution and :func:`model.space_to_depth_conv2d`, the input's rearrangement
+    included, each with its TFLOP/s (the direct form's multiply-adds, as MFU counts them)."""
+    w, b, pad = stem.weight, stem.bias, stem.padding[0]
+    size = (x.shape[2] + 2 * pad - w.shape[2]) // 2 + 1
+    flops = 2 * x.shape[0] * w.numel() * size * ((x.shape[3] + 2 * pad - w.shape[3]) // 2 + 1)
+    used = "space-to-depth" if device.type in SPACE_TO_DEPTH_DEVICES else "direct"
+    kind = f"{w.shape[2]}x{w.shape[3]}/2, {w.shape[1]} to {w.shape[0]} channels"
+    for form, fn, key in (("direct", lambda: F.conv2d(x, w, b, 2, pad), "infer_stem_direct_ms"),
+                          ("space-to-depth", lambda: space_to_depth_conv2d(x, w, b, pad),
+                           "infer_stem_space_to_depth_ms")):
+        with torch.no_grad():
+            sec = time_calls(fn, iters, warmup=3, device=device)
+        report.add(section, f"batch {x.shape[0]} stem alone, {form}", 1000 * sec, "ms",
+                   f"{flops / sec / 1e12:.3g} TFLOP/s; {kind}, {x.dtype}"
+                   f"{', the form the model runs here' if form == used else ''}", key=key)
 
 
 def layer_profile(report: Report, section: str, model: torch.nn.Module, x: Tensor, device: torch.device,
@@ -1204,7 +1200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if section not in args.sections:
                 continue
             left = cfg.time_budget_s - (time.perf_counter() - start)
-            if left < (90 if section == "compile" and device.type == "cuda" else 5):   # a compile needs a minute or more
+            # a compile needs a minute or more; max-autotune took 166 s on an H200 (2026-11-27)
+            if left < (170 if part == "infer autotuned" else 90 if section == "compile" and device.type == "cuda" else 5):
                 report.add(section, f"{part}: skipped", None, "",
                            f"{max(left, 0):.0f} s of the {cfg.time_budget_s:.0f} s time budget left")
                 continue

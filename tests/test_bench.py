@@ -48,13 +48,8 @@ def test_smoke_run_writes_every_section(tmp_path):
                                                                    / res["demo_step_nchw_images_per_s"])
     assert res["demo_step_nchw_stem_speedup"] == pytest.approx(res["demo_step_channels_last_stem_images_per_s"]
                                                                / res["demo_step_channels_last_all_images_per_s"])
-    # the padded stem is the same network
-    model = YOLOv1(YoloConfig(C=5, image_size=64, width=0.25, fc_dim=256)).eval().to(memory_format=torch.channels_last)
-    net, pad = bench.padded_stem(model, 8)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(net(pad(x)), model(x))
-    assert res["infer_bf16_padded_stem_batch_images_per_s"] > 0
+    # both forms of the stem were timed
+    assert res["infer_stem_direct_ms"] > 0 and res["infer_stem_space_to_depth_ms"] > 0
     # the per-layer profile: its slowest layers are part of its total
     layers = {k: v for k, v in res.items() if k.startswith("infer_slowest_layer_")}
     assert 1 <= len(layers) <= 6 and all(v > 0 for v in layers.values())

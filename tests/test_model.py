@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import (Backbone, Classifier, YoloConfig, YOLOv1, count_params_flops, load_backbone, split_output)
+import model as model_module
+from model import (Backbone, Classifier, SpaceToDepthConv2d, YoloConfig, YOLOv1, count_params_flops, load_backbone,
+                   space_to_depth_conv2d, split_output)
 
 
 def test_paper_detector_params_and_flops():
@@ -143,3 +145,67 @@ def test_output_layers_init():
         assert fc.bias.abs().max() == 0 and abs(fc.weight.std().item() - 0.01) < 1e-3
     gain = 2 / (1 + 0.1 ** 2)   # He init of the hidden FC: variance gain / fan_in
     assert abs(head.fc1.weight.var().item() * head.fc1.in_features / gain - 1) < 0.05
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("size", [(448, 448), (31, 30), (7, 9), (1, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_space_to_depth_conv_equals_the_strided_conv(k, size, channels_last):
+    # float64, so that only the summation order differs: outputs and both gradients match
+    g = torch.Generator().manual_seed(k * 1000 + size[0])
+    x = torch.randn(2, 3, *size, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, 3, k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    wf = w.contiguous(memory_format=fmt)
+    got = space_to_depth_conv2d(x, wf, b, k // 2)
+    ref = torch.nn.functional.conv2d(x, w, b, 2, k // 2)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert got.is_contiguous(memory_format=fmt) or min(got.shape[2:]) == 1
+    grad = torch.randn(ref.shape, dtype=torch.float64, generator=g)
+    for a, r in zip(torch.autograd.grad(got, (x, w, b), grad), torch.autograd.grad(ref, (x, w, b), grad)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-10)   # sums of ~10^5 terms
+
+
+def test_space_to_depth_stem_is_a_conv2d_with_the_same_state(monkeypatch):
+    model = YOLOv1(YoloConfig(width=0.25, C=5, image_size=64, fc_dim=64)).double().eval()
+    stem = model.backbone.layers.conv1.conv
+    assert type(stem) is SpaceToDepthConv2d and (stem.kernel_size, stem.stride) == ((7, 7), (2, 2))
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d) and m is not stem)
+    plain = nn.Conv2d(3, stem.out_channels, 7, 2, 3).double()
+    plain.load_state_dict(stem.state_dict())           # the same keys and shapes both ways
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        direct = model(x)
+        assert torch.equal(stem(x), plain(x))           # on the CPU the direct form itself
+        calls = []
+
+        def counted(*args):
+            calls.append(args[0].shape)
+            return space_to_depth_conv2d(*args)
+        monkeypatch.setattr(model_module, "space_to_depth_conv2d", counted)
+        monkeypatch.setattr(model_module, "SPACE_TO_DEPTH_DEVICES", {"cpu"})
+        torch.testing.assert_close(model(x), direct, rtol=0, atol=1e-12)
+    assert calls == [(2, 3, 64, 64)]                    # the stem alone took the other form
+    with pytest.raises(ValueError, match="stride-2 convolutions with an odd kernel"):
+        SpaceToDepthConv2d(3, 8, 4, 2, 1)
+    with pytest.raises(ValueError, match="stride 1"):
+        SpaceToDepthConv2d(3, 8, 7, 1, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the space-to-depth form runs on GPUs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_space_to_depth_stem_on_cuda(dtype):
+    torch.backends.cudnn.allow_tf32 = False
+    stem = SpaceToDepthConv2d(3, 64, 7, 2, 3).cuda().to(dtype)
+    plain = nn.Conv2d(3, 64, 7, 2, 3).cuda().to(dtype)
+    plain.load_state_dict(stem.state_dict())
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        stem, plain = stem.to(memory_format=fmt), plain.to(memory_format=fmt)
+        x = torch.randn(4, 3, 448, 448, device="cuda", dtype=dtype)
+        got, ref = stem(x), plain(x)
+        ref64 = nn.functional.conv2d(x.double(), plain.weight.double(), plain.bias.double(), 2, 3)
+        for out in (got, ref):    # each against float64, within the dtype's rounding
+            err = ((out.double() - ref64).norm() / ref64.norm()).item()
+            assert err < (1e-5 if dtype == torch.float32 else 1e-2), (fmt, err)
