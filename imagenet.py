@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import MAX_IMAGE_PIXELS, DataError, image_header_size, read_image, torchvision_read
+from dataset import MAX_IMAGE_PIXELS, DataError, image_header_size, read_image, torchvision_read, warp_image
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
 KAGGLE_SUBDIR = Path("ILSVRC") / "Data" / "CLS-LOC"
@@ -372,7 +372,8 @@ class ImageNetClassification(Dataset):
     ``train=True``: random resized crop (``scale`` of the area, one crop + antialiased resize of
     the uint8 image) to ``image_size``, horizontal flip, and with ``color_jitter`` J > 0 exposure
     and saturation factors drawn in [1, 1+J] and inverted half the time (darknet's ``rand_scale``),
-    applied batched by :func:`dataset.color_normalize`. ``train=False``: :func:`eval_transform`.
+    applied batched by :func:`dataset.color_normalize`; the training image is ``(3, S, S)`` with its
+    memory in ``(S, S, 3)`` order (:func:`dataset.warp_image`). ``train=False``: :func:`eval_transform`.
     An unreadable image yields ``None`` and a warning naming it; :func:`dataset.collate_skip_none`
     drops it.
     """
@@ -434,17 +435,18 @@ class ImageNetClassification(Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], rng, self.scale)
-            image = TF.resized_crop(image, top, left, h, w, [self.image_size, self.image_size], antialias=True)
-            if rng.random() < 0.5:
-                image = image.flip(-1)
+            # the crop + resize + flip of TF.resized_crop, pixel for pixel, in the decoded (H, W, 3)
+            # memory order: a dense crop takes the resize's fast path, and the batch stays channels-last
+            # until color_normalize (dataset.warp_image)
+            image = warp_image(image, (left, top, w, h), self.image_size, bool(rng.random() < 0.5), (0, 0, 0))
             if self.color_jitter > 0:
                 def rand_scale() -> float:
                     s = rng.uniform(1.0, 1.0 + self.color_jitter)
                     return float(s if rng.random() < 0.5 else 1.0 / s)
                 exposure, saturation = rand_scale(), rand_scale()
         else:
-            image = eval_transform(image, self.image_size)
-        return image.contiguous(), label, torch.tensor([index, exposure, saturation], dtype=torch.float64)
+            image = eval_transform(image, self.image_size).contiguous()
+        return image, label, torch.tensor([index, exposure, saturation], dtype=torch.float64)
 
 
 @dataclass

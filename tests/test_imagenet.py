@@ -310,6 +310,28 @@ def test_items_are_uint8_and_deterministic_per_seed_epoch_index(tree: Path) -> N
     assert torch.equal(data.val[0][0], val_image)
 
 
+def test_training_view_is_the_plain_resized_crop_and_flip(tree: Path) -> None:
+    # the same draws replayed by hand through torchvision's resized_crop: the same pixels, bit for bit
+    import numpy as np
+    import torchvision.transforms.v2.functional as TF
+    from dataset import read_image
+    data = load_imagenet(tree, 64, seed=3, color_jitter=0.5)
+    flips = 0
+    for epoch in range(3):
+        data.train.set_epoch(epoch)
+        for i in range(len(data.train)):
+            image = data.train[i][0]
+            rng = np.random.default_rng([3, epoch, i])
+            src = read_image(data.train.samples[i][0])
+            top, left, h, w = random_resized_crop_box(src.shape[1], src.shape[2], rng, (0.08, 1.0))
+            ref = TF.resized_crop(src.contiguous(), top, left, h, w, [64, 64], antialias=True)
+            flip = rng.random() < 0.5
+            flips += flip
+            assert torch.equal(image, ref.flip(-1) if flip else ref), (epoch, i)
+            assert image.permute(1, 2, 0).is_contiguous()     # (S, S, 3) memory, as stack_images batches it
+    assert 0 < flips < 3 * len(data.train)
+
+
 def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:
     root = tmp_path / "r"
     shutil.copytree(tree, root)
