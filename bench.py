@@ -24,7 +24,8 @@ Sections, each printed as soon as it is measured (one row per number):
   classifier (224 px, the pretraining recipe's batch), with the data already on the device and
   end to end from a DataLoader; the step is train_detector.py's / pretrainer.py's (colour
   augmentation on the device, bf16 autocast, channels_last, fused optimizer, the script's
-  per-step finite-loss check).
+  per-step finite-loss check); for the classifier also with ``pretrainer.py --gpu-decode``'s
+  pipeline (the workers read the files; decode, crop and resize on the device), end to end and alone.
 * ``demo``: images/s of the demo recipe's training step (its small model, 224 px, batch 16, with
   the weight average's update) in NCHW, in channels_last everywhere, and in channels_last with the
   narrow stem left NCHW; ``--channels-last`` picks one of the last two for the device
@@ -361,12 +362,12 @@ def detector_dataset(ws: Workspace, image_size: int, seed: int = 0) -> VOCDetect
     return VOCDetection(ws.voc_root(), "2007-train", image_size=image_size, train=True, seed=seed)
 
 
-def classifier_dataset(ws: Workspace, image_size: int, seed: int = 0):
+def classifier_dataset(ws: Workspace, image_size: int, seed: int = 0, decode_on_device: bool = False):
     from imagenet import ImageNetClassification
     samples = ws.imagenet_samples()
     classes = sorted({label for _, label in samples})
     return ImageNetClassification(samples, [f"n{c:08d}" for c in classes], image_size, train=True, seed=seed,
-                                  root=ws.root / "imagenet" / "train")
+                                  root=ws.root / "imagenet" / "train", decode_on_device=decode_on_device)
 
 
 # ----------------------------------------------------------------------------- the straightforward pipelines
@@ -559,7 +560,8 @@ def part_peak(report: Report, cfg: BenchConfig, peak: Peak) -> None:
 PREFETCH = 2   # batches each loader worker keeps ready
 
 
-def _loader(dataset, batch: int, n_batches: int, workers: int, device: torch.device, seed: int = 0):
+def _loader(dataset, batch: int, n_batches: int, workers: int, device: torch.device, seed: int = 0,
+            collate: Callable = collate_skip_none):
     """Random batches with replacement (the generated set is small; decode cost per image is what
     counts), loaded the way the training scripts should: pinned memory (for non_blocking copies),
     persistent workers."""
@@ -568,7 +570,7 @@ def _loader(dataset, batch: int, n_batches: int, workers: int, device: torch.dev
                             generator=torch.Generator().manual_seed(seed))
     kw = dict(persistent_workers=True, prefetch_factor=PREFETCH) if workers > 0 else {}
     return DataLoader(dataset, batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      collate_fn=collate_skip_none, drop_last=True, **kw)
+                      collate_fn=collate, drop_last=True, **kw)
 
 
 def _loader_note(cfg: BenchConfig, device: torch.device) -> str:
@@ -579,11 +581,12 @@ def _loader_note(cfg: BenchConfig, device: torch.device) -> str:
     return ", ".join(parts) or "in the main process"
 
 
-def _loader_rate(step: Callable, dataset, batch: int, cfg: BenchConfig, device: torch.device, seed: int) -> float:
+def _loader_rate(step: Callable, dataset, batch: int, cfg: BenchConfig, device: torch.device, seed: int,
+                 collate: Callable = collate_skip_none) -> float:
     """Images/s of ``step`` fed by a fresh loader, timed once the batches the workers prefetched
     while starting are used up (else the number would be the step's rate, not the pipeline's)."""
     warmup = cfg.warmup_steps + (cfg.workers * PREFETCH if device.type == "cuda" else 0)
-    loader = _loader(dataset, batch, warmup + cfg.loader_steps, cfg.workers, device, seed)
+    loader = _loader(dataset, batch, warmup + cfg.loader_steps, cfg.workers, device, seed, collate)
     return _time_steps(step, iter(loader), warmup, cfg.loader_steps, batch, device)
 
 
@@ -836,6 +839,16 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
     rate = _loader_rate(lambda *batch: None, ds, cfg.cls_batch, cfg, device, seed=2)
     report.add("train", f"classifier data loader alone ({cfg.workers} workers)", rate, "img/s",
                _loader_note(cfg, device), key="loader_classifier_images_per_s")
+    # pretrainer.py --gpu-decode: the workers only read the files; decode, crop and resize on the device
+    from imagenet import collate_encoded, decode_on_device_batch
+    ds_dev = classifier_dataset(ws, cfg.cls_size, decode_on_device=True)
+    decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
+    for how, fn, key in (("end to end", step, "train_classifier_e2e_gpu_decode_images_per_s"),
+                         ("data alone", lambda *batch: None, "loader_classifier_gpu_decode_images_per_s")):
+        rate = _loader_rate(lambda *batch, fn=fn: fn(*decode_on_device_batch(list(batch), ds_dev, device)), ds_dev,
+                            cfg.cls_batch, cfg, device, seed=3, collate=collate_encoded)
+        report.add("train", f"classifier {how}, --gpu-decode ({cfg.workers} workers)", rate, "img/s",
+                   f"{decoder}: decode + crop + resize + flip on the device; {_loader_note(cfg, device)}", key=key)
     del model, optimizer, step
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -340,6 +340,14 @@ def read_image(path: Path, exif_orientation: bool = False) -> Tensor:
     an EXIF orientation tag says (detect.py, for photos). A JPEG damaged inside its compressed
     data, not at its end, decodes to wrong pixels with only a libjpeg warning on stderr, which
     :meth:`VOCDetection.check_images` (``decode=True``, ``--check-data``) catches and reports."""
+    data, _, _ = read_encoded(path)
+    return decode_encoded(data, path, exif_orientation)
+
+
+def read_encoded(path: Path) -> tuple[Tensor, int, int]:
+    """An image file's bytes (1-D uint8) and its ``(width, height)`` from the header, after the
+    checks :func:`read_image` makes before decoding: a :class:`DataError` naming the file for an
+    unreadable, empty or non-image file and for a header over ``MAX_IMAGE_PIXELS``."""
     try:
         data = torchvision_read(path)
     except OSError as e:
@@ -349,6 +357,11 @@ def read_image(path: Path, exif_orientation: bool = False) -> Tensor:
     w, h = image_header_size(data, path)
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)")
+    return data, w, h
+
+
+def decode_encoded(data: Tensor, path: Path, exif_orientation: bool = False) -> Tensor:
+    """:func:`read_image`'s decode of the bytes :func:`read_encoded` read from ``path``."""
     if bytes(data[:8].numpy()) == PNG_SIGNATURE:
         return decode_png_pil(data, path, exif_orientation)
     try:

@@ -39,7 +39,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import MAX_IMAGE_PIXELS, DataError, image_header_size, read_image, torchvision_read, warp_image
+from dataset import (DataError, decode_encoded, image_header_size, read_encoded, read_image, stack_images,
+                     warp_image)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
 KAGGLE_SUBDIR = Path("ILSVRC") / "Data" / "CLS-LOC"
@@ -346,13 +347,7 @@ def check_image_header(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` from the header alone (no decode): :class:`DataError` naming the file
     for what :func:`dataset.read_image` refuses before decoding (a zero-byte file, a file that is
     no image, a header over ``MAX_IMAGE_PIXELS``). A truncated file passes; only a decode finds it."""
-    data = torchvision_read(Path(path))
-    if data.numel() == 0:
-        raise DataError(f"{path}: empty file")
-    w, h = image_header_size(data, Path(path))
-    if w * h > MAX_IMAGE_PIXELS:
-        raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit "
-                        "(decompression bomb?)")
+    _, w, h = read_encoded(Path(path))
     return w, h
 
 
@@ -380,7 +375,7 @@ class ImageNetClassification(Dataset):
 
     def __init__(self, samples: Sequence[tuple[Path, int]], class_names: Sequence[str], image_size: int,
                  train: bool = False, seed: int = 0, scale: tuple[float, float] = (0.08, 1.0),
-                 color_jitter: float = 0.0, root: str | Path = ""):
+                 color_jitter: float = 0.0, root: str | Path = "", decode_on_device: bool = False):
         if not samples:
             raise DataError(f"{root or 'dataset'}: no images")
         # Paths as one bytes array and labels as one int array, not 1.28M Python objects: data loader
@@ -390,6 +385,7 @@ class ImageNetClassification(Dataset):
         self.class_names = list(class_names)
         self.image_size, self.train, self.seed, self.epoch = image_size, train, seed, 0
         self.scale, self.color_jitter, self.root = scale, color_jitter, Path(root)
+        self.decode_on_device = decode_on_device and train
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -426,27 +422,139 @@ class ImageNetClassification(Dataset):
 
     def __getitem__(self, index: int):
         path, label = Path(os.fsdecode(self.paths[index])), int(self.labels[index])
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         try:
-            image = read_image(path)
+            if self.decode_on_device:   # JPEG bytes and the draws; decode_on_device_batch does the rest
+                data, width, height = read_encoded(path)
+                if bytes(data[:3].numpy()) == JPEG_SOI:
+                    draws = self._draw(height, width, rng)
+                    return data, label, torch.tensor([index, *draws[5:], *draws[:5]], dtype=torch.float64)
+                image = decode_encoded(data, path)     # PNG, GIF ...: decoded here, as without the option
+            else:
+                image = read_image(path)
         except DataError as e:
             warnings.warn(f"skipped: {e}")
             return None
+        if not self.train:
+            return eval_transform(image, self.image_size).contiguous(), label, \
+                torch.tensor([index, 1.0, 1.0], dtype=torch.float64)
+        top, left, h, w, flip, exposure, saturation = self._draw(image.shape[-2], image.shape[-1], rng)
+        # the crop + resize + flip of TF.resized_crop, pixel for pixel, in the decoded (H, W, 3)
+        # memory order: a dense crop takes the resize's fast path, and the batch stays channels-last
+        # until color_normalize (dataset.warp_image)
+        image = warp_image(image, (left, top, w, h), self.image_size, bool(flip), (0, 0, 0))
+        info = [index, exposure, saturation] + ([top, left, h, w, 0.0] if self.decode_on_device else [])
+        return image, label, torch.tensor(info, dtype=torch.float64)
+
+    def _draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[float, ...]:
+        """The training view's random draws for an image of ``height`` x ``width``, in this order:
+        the crop ``(top, left, h, w)``, the flip (1 or 0), and exposure and saturation (1 without
+        ``color_jitter``)."""
+        top, left, h, w = random_resized_crop_box(height, width, rng, self.scale)
+        flip = float(rng.random() < 0.5)
         exposure = saturation = 1.0
-        if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], rng, self.scale)
-            # the crop + resize + flip of TF.resized_crop, pixel for pixel, in the decoded (H, W, 3)
-            # memory order: a dense crop takes the resize's fast path, and the batch stays channels-last
-            # until color_normalize (dataset.warp_image)
-            image = warp_image(image, (left, top, w, h), self.image_size, bool(rng.random() < 0.5), (0, 0, 0))
-            if self.color_jitter > 0:
-                def rand_scale() -> float:
-                    s = rng.uniform(1.0, 1.0 + self.color_jitter)
-                    return float(s if rng.random() < 0.5 else 1.0 / s)
-                exposure, saturation = rand_scale(), rand_scale()
+        if self.color_jitter > 0:
+            def rand_scale() -> float:
+                f = rng.uniform(1.0, 1.0 + self.color_jitter)
+                return float(f if rng.random() < 0.5 else 1.0 / f)
+            exposure, saturation = rand_scale(), rand_scale()
+        return top, left, h, w, flip, exposure, saturation
+
+
+JPEG_SOI = b"\xff\xd8\xff"
+_DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG decoder refused, if any
+
+
+def collate_encoded(batch: list):
+    """The collation for ``ImageNetClassification(decode_on_device=True)``: the ``None`` of
+    unreadable images dropped, the images (JPEG bytes, or ``(3, S, S)`` images decoded in the
+    worker) left as a list, labels and info batched. ``None`` when no image is left."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    images, labels, info = zip(*batch)
+    return [list(images), torch.tensor(labels), torch.stack(info)]
+
+
+def decode_on_device_batch(batch: list | None, dataset: ImageNetClassification, device: torch.device) -> list | None:
+    """Finish on ``device`` a batch of ``dataset`` with ``decode_on_device=True`` (collated by
+    :func:`collate_encoded`): the JPEGs decoded together by ``torchvision.io.decode_jpeg`` (nvJPEG on
+    a GPU), each cropped, resized (antialiased) and flipped as its worker drew, stacked with the
+    images decoded in the workers. Returns ``[uint8 (N, 3, S, S) on device, labels, info]``, the
+    ``info`` columns ``(index, exposure, saturation, top, left, h, w, flip)``, without the images
+    that failed to decode (a warning names each), or ``None`` when none is left.
+
+    On a CPU the pixels are those of the workers' decode, bit for bit (a test checks); a GPU's
+    decoder and its float resize round differently, by a grey level or two."""
+    if batch is None:
+        return None
+    items, labels, info = batch
+    size = dataset.image_size
+    jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
+    decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [int(info[i, 0]) for i in jpegs],
+                                            dataset, device)))
+    images, keep = [], []
+    for i, x in enumerate(items):
+        if x.dim() == 3:                # decoded and cropped in the worker
+            images.append(x.to(device, non_blocking=True))
+        elif decoded[i] is not None:
+            top, left, h, w, flip = (int(v) for v in info[i, 3:8].tolist())
+            image = TF.resized_crop(decoded[i], top, left, h, w, [size, size], antialias=True)
+            images.append(image.flip(-1) if flip else image)
         else:
-            image = eval_transform(image, self.image_size).contiguous()
-        return image, label, torch.tensor([index, exposure, saturation], dtype=torch.float64)
+            continue
+        keep.append(i)
+    if not images:
+        return None
+    keep_t = torch.tensor(keep)
+    return [stack_images(images) if device.type == "cpu" else torch.stack(images), labels[keep_t], info[keep_t]]
+
+
+def _decode_jpegs(datas: list[Tensor], indices: list[int], dataset: ImageNetClassification,
+                  device: torch.device) -> list[Tensor | None]:
+    """``datas`` decoded to RGB on ``device``, all in one call; if that call fails, one by one, and
+    an image the device's decoder refuses (a CMYK JPEG for nvJPEG) by :func:`dataset.decode_encoded`
+    on the CPU. ``None`` for an image nothing decodes, or whose size is not its header's (the
+    worker drew its crop from the header), with a warning naming the file."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)      # libjpeg's warnings on damaged data, as read_image
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    if not datas:
+        return []
+    try:
+        out = decode(datas)
+    except (RuntimeError, UserWarning):
+        out = []
+        for data, index in zip(datas, indices):
+            path = Path(os.fsdecode(dataset.paths[index]))
+            try:
+                out.append(decode(data))
+            except (RuntimeError, UserWarning) as refused:
+                try:
+                    out.append(decode_encoded(data, path).to(device))
+                except DataError as e:
+                    warnings.warn(f"skipped: {e}")
+                    out.append(None)
+                    continue
+                if device.type != "cpu" and not _DEVICE_DECODER_REFUSED:    # once: it may refuse every image
+                    _DEVICE_DECODER_REFUSED.append(path)
+                    warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({str(refused).splitlines()[0][:200]})"
+                                  f"; decoded on the CPU, as any other image it refuses will be (said once)")
+    for k, (image, data, index) in enumerate(zip(out, datas, indices)):
+        if image is None:
+            continue
+        path = Path(os.fsdecode(dataset.paths[index]))
+        w, h = image_header_size(data, path)
+        if tuple(image.shape[-2:]) != (h, w):
+            warnings.warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
+                          f"{w}x{h}")
+            out[k] = None
+    return out
 
 
 @dataclass
@@ -463,7 +571,7 @@ class ImageNetData:
 
 def load_imagenet(data_root: str | Path, image_size: int, seed: int = 0, scale: tuple[float, float] = (0.08, 1.0),
                   color_jitter: float = 0.0, val_solution: str = "", devkit_gt: str = "", devkit_synsets: str = "",
-                  synset_mapping: str = "") -> ImageNetData:
+                  synset_mapping: str = "", decode_on_device: bool = False) -> ImageNetData:
     """Read an ImageNet tree (see the module docstring for the layouts) into train and val datasets.
 
     Class order is the sorted wnids of ``train/``. Every val image must belong to one of them:
@@ -522,6 +630,6 @@ def load_imagenet(data_root: str | Path, image_size: int, seed: int = 0, scale: 
         raise DataError(f"{val_dir}: no images (expected val/<wnid>/*.JPEG or val/ILSVRC2012_val_*.JPEG)")
 
     train = ImageNetClassification(train_samples, class_names, image_size, True, seed, scale, color_jitter,
-                                   root / "train")
+                                   root / "train", decode_on_device)
     val = ImageNetClassification(val_samples, class_names, image_size, False, seed, root=val_dir)
     return ImageNetData(train, val, class_names, class_labels, root, layout, notes)

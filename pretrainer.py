@@ -42,7 +42,8 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from dataset import MEAN, STD, collate_skip_none, color_normalize
-from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
+from imagenet import (ImageNetClassification, collate_encoded, decode_on_device_batch, load_imagenet, prepare_val,
+                      resolve_imagenet_root, val_labels)
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
                    check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, load_weights,
@@ -100,6 +101,7 @@ class PretrainConfig:
     amp: bool = True
     compile: bool = False
     channels_last: bool = False
+    gpu_decode: bool = False
     seed: int = 0
     deterministic: bool = False
     save_every_steps: int = 0
@@ -170,6 +172,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
                    f"bf16 (CPU, Ampere+), fp16 with a GradScaler elsewhere {r('amp')}")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    p.add_argument("--gpu-decode", action="store_true", help="decode the training JPEGs on the training device, a "
+                   "batch at a time (nvJPEG on a GPU), and crop, resize and flip them there; the loader workers only "
+                   "read the files. For a GPU whose host CPUs cannot decode fast enough (on a CPU it moves the "
+                   "decode into the training process)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N optimizer steps "
@@ -308,6 +314,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
 
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
+        if cfg.gpu_decode:   # JPEG bytes from the workers: decoded, cropped and resized on the device
+            batch = decode_on_device_batch(batch, loader.dataset, device)
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all of
@@ -502,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),
-                         cfg.color_jitter, cfg.val_solution, cfg.devkit_gt, cfg.devkit_synsets, cfg.synset_mapping)
+                         cfg.color_jitter, cfg.val_solution, cfg.devkit_gt, cfg.devkit_synsets, cfg.synset_mapping,
+                         decode_on_device=cfg.gpu_decode)
     train_set, val_set, class_names = data.train, data.val, data.class_names
     # Data problems (images that would be skipped), reported, never fatal: val/'s headers are read at
     # every start; train/'s 1.28M files only with --check-data (its unreadable images are counted as
@@ -623,7 +632,8 @@ def main(argv: list[str] | None = None) -> dict:
             train_sampler.set_epoch(epoch, start=state["step_in_epoch"] * per_proc)
             # its own generator: worker seeding draws nothing from the global RNG, as in train_detector.py
             train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
-                                      generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch), **loader_kw)
+                                      generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
+                                      **{**loader_kw, "collate_fn": collate_encoded if cfg.gpu_decode else collate_skip_none})
             train = train_one_epoch(model, optimizer, scheduler, scaler, train_loader, cfg, state, device, writer,
                                     is_main, checkpoint, steps_per_epoch, stopper, bn_buffers)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written

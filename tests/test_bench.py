@@ -36,7 +36,8 @@ def test_smoke_run_writes_every_section(tmp_path):
                 "train_detector_device_mfu_percent", "train_classifier_e2e_images_per_s",
                 "infer_fp32_batch1_images_per_s", "infer_bf16_batch_images_per_s", "decode_nms_ms_per_image",
                 "voc_eval_seconds", "annotation_loading_warm_seconds", "demo_step_nchw_images_per_s",
-                "demo_step_channels_last_stem_images_per_s", "demo_step_channels_last_all_images_per_s"):
+                "demo_step_channels_last_stem_images_per_s", "demo_step_channels_last_all_images_per_s",
+                "train_classifier_e2e_gpu_decode_images_per_s", "loader_classifier_gpu_decode_images_per_s"):
         assert res[key] is not None and res[key] > 0, key
     assert doc["pipeline_speedup"] == res["pipeline_speedup"] and doc["voc_eval_seconds"] == res["voc_eval_seconds"]
     # the speedup is the ratio of the two rates it is printed beside

@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,61 @@ def test_training_view_is_the_plain_resized_crop_and_flip(tree: Path) -> None:
             assert torch.equal(image, ref.flip(-1) if flip else ref), (epoch, i)
             assert image.permute(1, 2, 0).is_contiguous()     # (S, S, 3) memory, as stack_images batches it
     assert 0 < flips < 3 * len(data.train)
+
+
+def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path) -> None:
+    # On the CPU, bytes from the workers decoded and cropped in the training process give the
+    # workers' own batch bit for bit; broken files are skipped with the same warnings, a PNG (named
+    # .JPEG, as one of ImageNet's) and grayscale / CMYK JPEGs load.
+    from imagenet import collate_encoded, decode_on_device_batch
+    root = tmp_path / "r"
+    shutil.copytree(tree, root)
+    folder = root / "train" / sorted(DEMO_WNIDS)[1]
+    bad = add_bad_images(folder)
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(
+        folder / "png.JPEG", "PNG")
+    plain = load_imagenet(root, 48, seed=2, color_jitter=0.5).train
+    on_device = load_imagenet(root, 48, seed=2, color_jitter=0.5, decode_on_device=True).train
+    assert on_device.decode_on_device and not plain.decode_on_device
+    names = {Path(os.fsdecode(p)).name for p in on_device.paths}
+    assert {"png.JPEG", "gray.JPEG", "cmyk.JPEG"} | set(bad) <= names
+    cpu = torch.device("cpu")
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        on_device.set_epoch(epoch)
+        with warnings.catch_warnings(record=True) as caught_plain:
+            warnings.simplefilter("always")
+            ref = collate_skip_none([plain[i] for i in range(len(plain))])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            items = [on_device[i] for i in range(len(on_device))]
+            raw = collate_encoded(items)
+            # bytes for all but the PNG and the 3 files refused before decoding; the truncated JPEG goes
+            # as bytes and fails in the batch's decode
+            assert sum(x.dim() == 1 for x in raw[0]) == len(plain) - 3 - 1
+            got = decode_on_device_batch(raw, on_device, cpu)
+        skipped = {Path(str(w.message).split(": ")[1]).name for w in caught if str(w.message).startswith("skipped: ")}
+        assert skipped == set(bad) == {Path(str(w.message).split(": ")[1]).name for w in caught_plain}
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[2][:, :3], ref[2], rtol=0, atol=0)      # index, exposure, saturation
+        assert got[2].shape[1] == 8
+    assert decode_on_device_batch(collate_encoded([None, None]), on_device, cpu) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")
+def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path) -> None:
+    # nvJPEG and the float resize on the GPU round differently from libjpeg and the CPU's uint8
+    # resize (chroma upsampling, rounding): about a grey level on average, never a different picture
+    from imagenet import collate_encoded, decode_on_device_batch
+    on_device = load_imagenet(tree, 64, seed=4, decode_on_device=True).train
+    plain = load_imagenet(tree, 64, seed=4).train
+    batch = collate_encoded([on_device[i] for i in range(len(on_device))])
+    got = decode_on_device_batch(batch, on_device, torch.device("cuda"))
+    ref = collate_skip_none([plain[i] for i in range(len(plain))])
+    assert got[0].is_cuda and got[0].dtype == torch.uint8 and got[0].shape == ref[0].shape
+    diff = (got[0].cpu().int() - ref[0].int()).abs()
+    assert diff.float().mean() < 2.0, diff.float().mean()       # another picture would be tens of levels off
+    assert torch.equal(got[1], ref[1])
 
 
 def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:

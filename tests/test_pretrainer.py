@@ -377,6 +377,24 @@ def test_training_skips_and_counts_unreadable_images(bad_tree, tmp_path: Path, c
     assert "data/train_problems" not in acc.Tags()["scalars"]                         # train/ is not scanned at start
 
 
+def test_gpu_decode_trains_as_the_workers_decode(bad_tree, tmp_path: Path) -> None:
+    # --gpu-decode on a CPU: the decode moves into the training process with the same pixels, so the
+    # run (skips and their warnings included) is the same, loss for loss
+    root, bad = bad_tree
+    runs = {}
+    for name, extra in (("workers", ()), ("device", ("--gpu-decode",))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[name] = pretrainer.main(_args(root, tmp_path / name, "--epochs", "1", "--batch-size", "19", *extra))
+        runs[name]["named"] = sorted(Path(str(w.message).split(": ")[1]).name for w in caught
+                                     if str(w.message).startswith("skipped: "))
+    a, b = runs["workers"], runs["device"]
+    assert b["exit_code"] == 0 and b["skipped_images"] == a["skipped_images"] == len(bad)
+    assert b["named"] == a["named"] and set(b["named"]) == set(bad) | {"empty_val.JPEG"}
+    assert b["history"] == a["history"]                         # train loss and top-1, val loss and top-1/5
+    assert load_checkpoint(tmp_path / "device" / "last.pt")["config"]["gpu_decode"] is True
+
+
 def test_a_batch_without_a_readable_image_is_skipped_not_fatal(tree: Path, tmp_path: Path, monkeypatch) -> None:
     original = ImageNetClassification.__getitem__
     fetched = {"train": 0}
