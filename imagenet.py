@@ -506,8 +506,10 @@ def decode_on_device_batch(batch: list | None, dataset: ImageNetClassification, 
         keep.append(i)
     if not images:
         return None
-    keep_t = torch.tensor(keep)
-    return [stack_images(images) if device.type == "cpu" else torch.stack(images), labels[keep_t], info[keep_t]]
+    if len(keep) < len(items):     # (indexing makes new, unpinned tensors: only when an image was dropped)
+        keep_t = torch.tensor(keep)
+        labels, info = labels[keep_t], info[keep_t]
+    return [stack_images(images) if device.type == "cpu" else torch.stack(images), labels, info]
 
 
 def _decode_jpegs(datas: list[Tensor], indices: list[int], dataset: ImageNetClassification,
@@ -526,6 +528,11 @@ def _decode_jpegs(datas: list[Tensor], indices: list[int], dataset: ImageNetClas
 
     if not datas:
         return []
+    if device.type == "cuda":
+        # nvJPEG writes its outputs from its own stream without waiting for the work queued on ours, into
+        # blocks the caching allocator may just have recycled from that work (the previous step's batch,
+        # say): wait for it first (pytorch/vision#9606; torchcodec added the same barrier, #1634)
+        torch.cuda.current_stream(device).synchronize()
     try:
         out = decode(datas)
     except (RuntimeError, UserWarning):

@@ -176,7 +176,7 @@ class SpaceToDepthConv2d(nn.Conv2d):
     TFLOP/s; as space-to-depth (12 channels; 31% more multiply-adds, all on the zero-extended
     kernel's zeros) it ran 1.45x faster eager (the input's rearrangement included), 2.1x compiled, and the compiled detector went from
     9,139 to 10,676 images/s at batch 64 (BENCH_NOTES.md, 2026-11-27). On the AMD EPYC CPU it made
-    the demo's training step about 15% slower, so CPUs keep the direct form."""
+    the demo's training step 16-18% slower, so CPUs keep the direct form."""
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int, padding: int, bias: bool = True):
         if stride != 2 or k % 2 == 0:
@@ -186,7 +186,9 @@ class SpaceToDepthConv2d(nn.Conv2d):
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if x.device.type in SPACE_TO_DEPTH_DEVICES:
-            return space_to_depth_conv2d(x, weight, bias, self.padding[0])
+            if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))   # the cast autocast would make, before the
+            return space_to_depth_conv2d(x, weight, bias, self.padding[0])   # rearrangement: half its bytes
         return super()._conv_forward(x, weight, bias)
 
 

@@ -188,6 +188,14 @@ def test_space_to_depth_stem_is_a_conv2d_with_the_same_state(monkeypatch):
         monkeypatch.setattr(model_module, "SPACE_TO_DEPTH_DEVICES", {"cpu"})
         torch.testing.assert_close(model(x), direct, rtol=0, atol=1e-12)
     assert calls == [(2, 3, 64, 64)]                    # the stem alone took the other form
+    # under autocast the input is cast before its rearrangement: the arithmetic autocast would do
+    stem32, plain32 = stem.float(), plain.float()
+    x32 = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, ref = stem32(x32), plain32(x32)
+    assert calls[-1] == (2, 3, 64, 64) and len(calls) == 2
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="stride-2 convolutions with an odd kernel"):
         SpaceToDepthConv2d(3, 8, 4, 2, 1)
     with pytest.raises(ValueError, match="stride 1"):
@@ -196,8 +204,8 @@ def test_space_to_depth_stem_is_a_conv2d_with_the_same_state(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the space-to-depth form runs on GPUs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_space_to_depth_stem_on_cuda(dtype):
-    torch.backends.cudnn.allow_tf32 = False
+def test_space_to_depth_stem_on_cuda(dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     stem = SpaceToDepthConv2d(3, 64, 7, 2, 3).cuda().to(dtype)
     plain = nn.Conv2d(3, 64, 7, 2, 3).cuda().to(dtype)
     plain.load_state_dict(stem.state_dict())
