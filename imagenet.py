@@ -467,13 +467,20 @@ _DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG
 
 def collate_encoded(batch: list):
     """The collation for ``ImageNetClassification(decode_on_device=True)``: the ``None`` of
-    unreadable images dropped, the images (JPEG bytes, or ``(3, S, S)`` images decoded in the
-    worker) left as a list, labels and info batched. ``None`` when no image is left."""
+    unreadable images dropped; the JPEGs' bytes concatenated into one tensor (one piece of shared
+    memory per batch for the worker to hand over and to pin, instead of one per image), with
+    ``offsets`` such that image ``i``'s bytes are ``data[offsets[i]:offsets[i + 1]]`` (none for an
+    image decoded in the worker: those, ``(3, S, S)``, come in order in ``decoded``); labels and
+    info batched. Returns ``[(data, offsets, decoded), labels, info]``, or ``None`` when no image
+    is left."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return None
     images, labels, info = zip(*batch)
-    return [list(images), torch.tensor(labels), torch.stack(info)]
+    jpegs = [x if x.dim() == 1 else x.new_empty(0) for x in images]
+    offsets = torch.tensor([0] + [len(x) for x in jpegs]).cumsum(0)
+    decoded = [x for x in images if x.dim() == 3]
+    return [(torch.cat(jpegs), offsets, decoded), torch.tensor(labels), torch.stack(info)]
 
 
 def decode_on_device_batch(batch: list | None, dataset: ImageNetClassification, device: torch.device) -> list | None:
@@ -488,7 +495,11 @@ def decode_on_device_batch(batch: list | None, dataset: ImageNetClassification, 
     decoder and its float resize round differently, by a grey level or two."""
     if batch is None:
         return None
-    items, labels, info = batch
+    (data, offsets, worker_decoded), labels, info = batch
+    bounds = offsets.tolist()
+    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    others = iter(worker_decoded)
+    items = [data[a:b] if b > a else next(others) for a, b in spans]
     size = dataset.image_size
     jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
     decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [int(info[i, 0]) for i in jpegs],

@@ -362,7 +362,9 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
             raw = collate_encoded(items)
             # bytes for all but the PNG and the 3 files refused before decoding; the truncated JPEG goes
             # as bytes and fails in the batch's decode
-            assert sum(x.dim() == 1 for x in raw[0]) == len(plain) - 3 - 1
+            data, offsets, decoded = raw[0]
+            assert int((offsets.diff() > 0).sum()) == len(plain) - 3 - 1 and len(decoded) == 1   # the PNG
+            assert data.dtype == torch.uint8 and data.dim() == 1 and int(offsets[-1]) == len(data)
             got = decode_on_device_batch(raw, on_device, cpu)
         skipped = {Path(str(w.message).split(": ")[1]).name for w in caught if str(w.message).startswith("skipped: ")}
         assert skipped == set(bad) == {Path(str(w.message).split(": ")[1]).name for w in caught_plain}
