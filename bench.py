@@ -24,8 +24,10 @@ Sections, each printed as soon as it is measured (one row per number):
   classifier (224 px, the pretraining recipe's batch), with the data already on the device and
   end to end from a DataLoader; the step is train_detector.py's / pretrainer.py's (colour
   augmentation on the device, bf16 autocast, channels_last, fused optimizer, the script's
-  per-step finite-loss check); for the classifier also with ``pretrainer.py --gpu-decode``'s
-  pipeline (the workers read the files; decode, crop and resize on the device), end to end and alone.
+  per-step finite-loss check); the on-device step again with the stem in its other form (direct on
+  a GPU, space-to-depth on a CPU: ``model.SpaceToDepthConv2d``); for the classifier also with
+  ``pretrainer.py --gpu-decode``'s pipeline (the workers read the files; decode, crop and resize on
+  the device), end to end and alone.
 * ``demo``: images/s of the demo recipe's training step (its small model, 224 px, batch 16, with
   the weight average's update) in NCHW, in channels_last everywhere, and in channels_last with the
   narrow stem left NCHW; ``--channels-last`` picks one of the last two for the device
@@ -662,6 +664,30 @@ def _time_steps(step: Callable, batches: Iterator, warmup: int, steps: int, batc
     return steps * batch / (time.perf_counter() - t0)
 
 
+@contextlib.contextmanager
+def other_stem_form(device: torch.device) -> Iterator[str]:
+    """Inside the block the stem (``model.SpaceToDepthConv2d``) takes the form it does not take on
+    ``device``: direct on a GPU, space-to-depth on a CPU. Yields that form's name."""
+    import model as model_module
+    devices = model_module.SPACE_TO_DEPTH_DEVICES      # changed in place: the module reads it at every call
+    saved = set(devices)
+    devices ^= {device.type}
+    try:
+        yield "space-to-depth" if device.type in devices else "direct"
+    finally:
+        devices.clear()
+        devices.update(saved)
+
+
+def _other_stem_row(report: Report, section: str, name: str, step: Callable, first: tuple, batch: int,
+                    cfg: BenchConfig, device: torch.device, key: str) -> None:
+    """The on-device step again with the stem in its other form: which form pays, same step, same run."""
+    with other_stem_form(device) as form:
+        rate = _time_steps(step, _cycle_device_batch(first, device), cfg.warmup_steps, cfg.steps, batch, device)
+    report.add("train", f"{name} train on device, stem {form}", rate, "img/s",
+               "the stem's other form (model.SpaceToDepthConv2d), the step otherwise the same", key=key)
+
+
 def _report_training(report: Report, section: str, name: str, how: str, rate: float, flops: int, peak: Peak,
                      note: str, key: str) -> None:
     achieved = rate * 3 * flops / 1e12
@@ -739,6 +765,8 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
                      f"train_detector_{tag.strip() + '_' if compiled else ''}device")
     if not compiled:
         _memory_rows(report, section, "detector", device, "train_detector_peak_memory_gib", first_peak)
+        _other_stem_row(report, section, "detector", step, first, cfg.det_batch, cfg, device,
+                        "train_detector_device_other_stem_images_per_s")
     if device.type == "cuda":
         eager_read = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device,
                                    read_now=True)
@@ -833,6 +861,8 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
     rate = _time_steps(step, _cycle_device_batch(first, device), cfg.warmup_steps, cfg.steps, cfg.cls_batch, device)
     _report_training(report, "train", "classifier", "on device", rate, flops, peak, note, "train_classifier_device")
     _memory_rows(report, "train", "classifier", device, "train_classifier_peak_memory_gib", first_peak)
+    _other_stem_row(report, "train", "classifier", step, first, cfg.cls_batch, cfg, device,
+                    "train_classifier_device_other_stem_images_per_s")
     rate = _loader_rate(step, ds, cfg.cls_batch, cfg, device, seed=1)
     _report_training(report, "train", "classifier", f"end to end ({cfg.workers} workers)", rate, flops, peak, note,
                      "train_classifier_e2e")

@@ -37,7 +37,8 @@ def test_smoke_run_writes_every_section(tmp_path):
                 "infer_fp32_batch1_images_per_s", "infer_bf16_batch_images_per_s", "decode_nms_ms_per_image",
                 "voc_eval_seconds", "annotation_loading_warm_seconds", "demo_step_nchw_images_per_s",
                 "demo_step_channels_last_stem_images_per_s", "demo_step_channels_last_all_images_per_s",
-                "train_classifier_e2e_gpu_decode_images_per_s", "loader_classifier_gpu_decode_images_per_s"):
+                "train_classifier_e2e_gpu_decode_images_per_s", "loader_classifier_gpu_decode_images_per_s",
+                "train_detector_device_other_stem_images_per_s", "train_classifier_device_other_stem_images_per_s"):
         assert res[key] is not None and res[key] > 0, key
     assert doc["pipeline_speedup"] == res["pipeline_speedup"] and doc["voc_eval_seconds"] == res["voc_eval_seconds"]
     # the speedup is the ratio of the two rates it is printed beside
@@ -188,3 +189,20 @@ def test_cuda_graph_forward_equals_eager():
     for _ in range(2):
         x2 = torch.randn_like(x)
         torch.testing.assert_close(run(x2), model(x2))
+
+
+def test_other_stem_form_toggles_the_stem_and_restores_it():
+    import model
+    before = set(model.SPACE_TO_DEPTH_DEVICES)
+    stem = model.SpaceToDepthConv2d(3, 8, 7, 2, 3).double()
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    plain = torch.nn.functional.conv2d(x, stem.weight, stem.bias, 2, 3)
+    with bench.other_stem_form(torch.device("cpu")) as form:
+        assert form == "space-to-depth" and "cpu" in model.SPACE_TO_DEPTH_DEVICES
+        other = stem(x)
+        assert not torch.equal(other, plain)                      # the other summation order: it ran
+        torch.testing.assert_close(other, plain, rtol=0, atol=1e-12)
+    assert model.SPACE_TO_DEPTH_DEVICES == before and torch.equal(stem(x), plain)
+    with bench.other_stem_form(torch.device("cuda")) as form:     # (no GPU needed: only the set changes)
+        assert form == "direct" and "cuda" not in model.SPACE_TO_DEPTH_DEVICES
+    assert model.SPACE_TO_DEPTH_DEVICES == before
