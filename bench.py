@@ -869,13 +869,31 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
     rate = _loader_rate(lambda *batch: None, ds, cfg.cls_batch, cfg, device, seed=2)
     report.add("train", f"classifier data loader alone ({cfg.workers} workers)", rate, "img/s",
                _loader_note(cfg, device), key="loader_classifier_images_per_s")
-    # pretrainer.py --gpu-decode: the workers only read the files; decode, crop and resize on the device
+    del model, optimizer, step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def part_train_classifier_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace) -> None:
+    """The classifier end to end, and its data alone, as ``pretrainer.py --gpu-decode`` feeds it:
+    the workers only read the files; decode (nvJPEG on a GPU), crop, resize and flip on the device
+    (``imagenet.decode_on_device_batch``). A part of its own, run after the others: the newest code
+    path, never run on a GPU before, must not cost the other parts' numbers."""
     from imagenet import collate_encoded, decode_on_device_batch
-    ds_dev = classifier_dataset(ws, cfg.cls_size, decode_on_device=True)
+    from pretrainer import RECIPES
+    device = torch.device(cfg.device)
+    model = Classifier(YoloConfig(width=cfg.cls_width), num_classes=1000).to(device)
+    if cfg.channels_last:
+        to_channels_last(model)
+    optimizer = _optimizer(model, RECIPES["imagenet"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
+    step = classifier_step(model, optimizer, scaler, cfg, device)
+    model.train()
+    ds = classifier_dataset(ws, cfg.cls_size, decode_on_device=True)
     decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
     for how, fn, key in (("end to end", step, "train_classifier_e2e_gpu_decode_images_per_s"),
                          ("data alone", lambda *batch: None, "loader_classifier_gpu_decode_images_per_s")):
-        rate = _loader_rate(lambda *batch, fn=fn: fn(*decode_on_device_batch(list(batch), ds_dev, device)), ds_dev,
+        rate = _loader_rate(lambda *batch, fn=fn: fn(*decode_on_device_batch(list(batch), ds, device)), ds,
                             cfg.cls_batch, cfg, device, seed=3, collate=collate_encoded)
         report.add("train", f"classifier {how}, --gpu-decode ({cfg.workers} workers)", rate, "img/s",
                    f"{decoder}: decode + crop + resize + flip on the device; {_loader_note(cfg, device)}", key=key)
@@ -1234,6 +1252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("eval", "annotations", lambda: part_annotations(report, cfg, ws), 120),
         ("compile", "train detector", lambda: part_train_detector(report, cfg, ws, peak, compiled=True), 240),
         ("compile", "infer detector", lambda: part_infer(report, cfg, compiled=True), 240),
+        ("train", "classifier --gpu-decode", lambda: part_train_classifier_gpu_decode(report, cfg, ws), 120),
     ]
     if device.type == "cuda":   # minutes of autotuning on a CPU for a number no one needs there
         parts.append(("compile", "infer autotuned", lambda: part_infer_autotuned(report, cfg), 180))
