@@ -684,7 +684,7 @@ def _other_stem_row(report: Report, section: str, name: str, step: Callable, fir
     """The on-device step again with the stem in its other form: which form pays, same step, same run."""
     with other_stem_form(device) as form:
         rate = _time_steps(step, _cycle_device_batch(first, device), cfg.warmup_steps, cfg.steps, batch, device)
-    report.add("train", f"{name} train on device, stem {form}", rate, "img/s",
+    report.add(section, f"{name} train on device, stem {form}", rate, "img/s",
                "the stem's other form (model.SpaceToDepthConv2d), the step otherwise the same", key=key)
 
 
