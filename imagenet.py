@@ -561,8 +561,9 @@ def _decode_jpegs(datas: list[Tensor], indices: list[int], dataset: ImageNetClas
                     continue
                 if device.type != "cpu" and not _DEVICE_DECODER_REFUSED:    # once: it may refuse every image
                     _DEVICE_DECODER_REFUSED.append(path)
-                    warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({str(refused).splitlines()[0][:200]})"
-                                  f"; decoded on the CPU, as any other image it refuses will be (said once)")
+                    reason = str(refused).splitlines()[0][:200]
+                    warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
+                                  "CPU, as any other image it refuses will be (said once)")
     for k, (image, data, index) in enumerate(zip(out, datas, indices)):
         if image is None:
             continue

@@ -174,9 +174,10 @@ class SpaceToDepthConv2d(nn.Conv2d):
     Why: the direct form gives a GPU's convolution kernels 3 input channels, which tensor cores use
     badly. On an H200 the paper stem took a quarter of the batch-64 bf16 forward pass at 24
     TFLOP/s; as space-to-depth (12 channels; 31% more multiply-adds, all on the zero-extended
-    kernel's zeros) it ran 1.45x faster eager (the input's rearrangement included), 2.1x compiled, and the compiled detector went from
-    9,139 to 10,676 images/s at batch 64 (BENCH_NOTES.md, 2026-11-27). On the AMD EPYC CPU it made
-    the demo's training step 16-18% slower, so CPUs keep the direct form."""
+    kernel's zeros) it ran 1.45x faster eager (the input's rearrangement included) and 2.1x
+    compiled, and the compiled detector went from 9,139 to 10,676 images/s at batch 64
+    (BENCH_NOTES.md, 2026-11-27). On the AMD EPYC CPU it made the demo's training step 16-18%
+    slower, so CPUs keep the direct form."""
 
     def __init__(self, c_in: int, c_out: int, k: int, stride: int, padding: int, bias: bool = True):
         if stride != 2 or k % 2 == 0:

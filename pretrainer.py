@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> dict:
     per_proc = cfg.batch_size // world
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none)
+    # --gpu-decode: the training batches hold JPEG bytes (collate_encoded), decoded in train_one_epoch
+    train_loader_kw = {**loader_kw, "collate_fn": collate_encoded} if cfg.gpu_decode else loader_kw
     # its own generator: validating draws nothing from the global RNG, so it does not change how the run trains
     val_loader = DataLoader(val_set, per_proc, sampler=ShardSampler(len(val_set), rank, world),
                             persistent_workers=cfg.workers > 0, generator=torch.Generator(), **loader_kw)
@@ -633,7 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
             # its own generator: worker seeding draws nothing from the global RNG, as in train_detector.py
             train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
-                                      **{**loader_kw, "collate_fn": collate_encoded if cfg.gpu_decode else collate_skip_none})
+                                      **train_loader_kw)
             train = train_one_epoch(model, optimizer, scheduler, scaler, train_loader, cfg, state, device, writer,
                                     is_main, checkpoint, steps_per_epoch, stopper, bn_buffers)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written
