@@ -25,9 +25,9 @@ Sections, each printed as soon as it is measured (one row per number):
   end to end from a DataLoader; the step is train_detector.py's / pretrainer.py's (colour
   augmentation on the device, bf16 autocast, channels_last, fused optimizer, the script's
   per-step finite-loss check); the on-device step again with the stem in its other form (direct on
-  a GPU, space-to-depth on a CPU: ``model.SpaceToDepthConv2d``); for the classifier also with
-  ``pretrainer.py --gpu-decode``'s pipeline (the workers read the files; decode, crop and resize on
-  the device), end to end and alone.
+  a GPU, space-to-depth on a CPU: ``model.SpaceToDepthConv2d``); last, both models end to end and
+  their data alone with ``--gpu-decode``'s pipeline (the workers read the files; decode and warp on
+  the device).
 * ``demo``: images/s of the demo recipe's training step (its small model, 224 px, batch 16, with
   the weight average's update) in NCHW, in channels_last everywhere, and in channels_last with the
   narrow stem left NCHW; ``--channels-last`` picks one of the last two for the device
@@ -360,8 +360,9 @@ class Workspace:
             self._tmp.cleanup()
 
 
-def detector_dataset(ws: Workspace, image_size: int, seed: int = 0) -> VOCDetection:
-    return VOCDetection(ws.voc_root(), "2007-train", image_size=image_size, train=True, seed=seed)
+def detector_dataset(ws: Workspace, image_size: int, seed: int = 0, decode_on_device: bool = False) -> VOCDetection:
+    return VOCDetection(ws.voc_root(), "2007-train", image_size=image_size, train=True, seed=seed,
+                        decode_on_device=decode_on_device)
 
 
 def classifier_dataset(ws: Workspace, image_size: int, seed: int = 0, decode_on_device: bool = False):
@@ -874,32 +875,47 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
         torch.cuda.empty_cache()
 
 
-def part_train_classifier_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace) -> None:
-    """The classifier end to end, and its data alone, as ``pretrainer.py --gpu-decode`` feeds it:
-    the workers only read the files; decode (nvJPEG on a GPU), crop, resize and flip on the device
-    (``imagenet.decode_on_device_batch``). A part of its own, run after the others: the newest code
+def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak) -> None:
+    """Both models end to end, and their data alone, as ``--gpu-decode`` feeds them (train_detector.py,
+    pretrainer.py): the workers read the files, draw the augmentation and (detector) encode the
+    targets; the JPEGs are decoded (nvJPEG on a GPU) and warped on the device
+    (``dataset.decode_on_device_batch``). A part of its own, run after the others: the newest code
     path, never run on a GPU before, must not cost the other parts' numbers."""
-    from imagenet import collate_encoded, decode_on_device_batch
-    from pretrainer import RECIPES
+    from dataset import collate_encoded
+    from loss import YoloLoss
+    from pretrainer import RECIPES as CLS_RECIPES
+    from train_detector import RECIPES as DET_RECIPES
     device = torch.device(cfg.device)
-    model = Classifier(YoloConfig(width=cfg.cls_width), num_classes=1000).to(device)
-    if cfg.channels_last:
-        to_channels_last(model)
-    optimizer = _optimizer(model, RECIPES["imagenet"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
-    step = classifier_step(model, optimizer, scaler, cfg, device)
-    model.train()
-    ds = classifier_dataset(ws, cfg.cls_size, decode_on_device=True)
     decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
-    for how, fn, key in (("end to end", step, "train_classifier_e2e_gpu_decode_images_per_s"),
-                         ("data alone", lambda *batch: None, "loader_classifier_gpu_decode_images_per_s")):
-        rate = _loader_rate(lambda *batch, fn=fn: fn(*decode_on_device_batch(list(batch), ds, device)), ds,
-                            cfg.cls_batch, cfg, device, seed=3, collate=collate_encoded)
-        report.add("train", f"classifier {how}, --gpu-decode ({cfg.workers} workers)", rate, "img/s",
-                   f"{decoder}: decode + crop + resize + flip on the device; {_loader_note(cfg, device)}", key=key)
-    del model, optimizer, step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    for name in ("detector", "classifier"):
+        if name == "detector":
+            mcfg = YoloConfig(image_size=cfg.det_size, width=cfg.det_width)
+            model, recipe, batch = YOLOv1(mcfg).to(device), DET_RECIPES["voc"], cfg.det_batch
+            ds = detector_dataset(ws, cfg.det_size, decode_on_device=True)
+        else:
+            mcfg = YoloConfig(width=cfg.cls_width)
+            model, recipe, batch = Classifier(mcfg, num_classes=1000).to(device), CLS_RECIPES["imagenet"], cfg.cls_batch
+            ds = classifier_dataset(ws, cfg.cls_size, decode_on_device=True)
+        if cfg.channels_last:
+            to_channels_last(model)
+        _, flops = count_params_flops(model, cfg.det_size if name == "detector" else cfg.cls_size)
+        optimizer = _optimizer(model, recipe, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
+        step = (detector_step(model, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device)
+                if name == "detector" else classifier_step(model, optimizer, scaler, cfg, device))
+        model.train()
+        note = f"{decoder}: decode + warp on the device; {_loader_note(cfg, device)}"
+        rate = _loader_rate(lambda *b: step(*ds.finish_on_device(list(b), device)), ds, batch, cfg, device, seed=3,
+                            collate=collate_encoded)
+        _report_training(report, "train", name, f"end to end, --gpu-decode ({cfg.workers} workers)", rate, flops,
+                         peak, note, f"train_{name}_e2e_gpu_decode")
+        rate = _loader_rate(lambda *b: ds.finish_on_device(list(b), device), ds, batch, cfg, device, seed=4,
+                            collate=collate_encoded)
+        report.add("train", f"{name} data alone, --gpu-decode ({cfg.workers} workers)", rate, "img/s", note,
+                   key=f"loader_{name}_gpu_decode_images_per_s")
+        del model, optimizer, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- section: infer
@@ -1252,7 +1268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("eval", "annotations", lambda: part_annotations(report, cfg, ws), 120),
         ("compile", "train detector", lambda: part_train_detector(report, cfg, ws, peak, compiled=True), 240),
         ("compile", "infer detector", lambda: part_infer(report, cfg, compiled=True), 240),
-        ("train", "classifier --gpu-decode", lambda: part_train_classifier_gpu_decode(report, cfg, ws), 120),
+        ("train", "--gpu-decode", lambda: part_gpu_decode(report, cfg, ws, peak), 150),
     ]
     if device.type == "cuda":   # minutes of autotuning on a CPU for a number no one needs there
         parts.append(("compile", "infer autotuned", lambda: part_infer_autotuned(report, cfg), 180))

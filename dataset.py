@@ -18,7 +18,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -205,7 +205,8 @@ def crop_window(width: int, height: int, p: AugmentParams) -> tuple[int, int, in
 def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip: bool, fill: Sequence[int]) -> Tensor:
     """Crop ``window`` from a uint8 ``(3, H, W)`` image (padding with ``fill`` outside it), resize
     to ``size`` x ``size`` (bilinear, antialiased) and optionally flip: the whole geometric
-    augmentation as one resample of the pixels. Returns a ``(3, size, size)`` tensor whose memory
+    augmentation as one resample of the pixels, on the image's device (a loader worker's CPU, or
+    the GPU for ``--gpu-decode``, :func:`decode_on_device_batch`). Returns a ``(3, size, size)`` tensor whose memory
     is in ``(size, size, 3)`` order (channels last) for an image in :func:`read_image`'s order.
 
     Works on the pixels in ``(H, W, 3)`` order, the order :func:`read_image` decodes them in:
@@ -221,8 +222,8 @@ def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip
     if (x0, y0, x1, y1) == (left, top, left + w, top + h):
         crop = hwc[top:top + h, left:left + w].contiguous()   # dense: the resize's fast path (0.3 vs 0.6 ms)
     else:
-        crop = torch.empty((h, w, 3), dtype=image.dtype)
-        row = torch.tensor(fill, dtype=image.dtype).repeat(w)            # one padded row, (w * 3,)
+        crop = torch.empty((h, w, 3), dtype=image.dtype, device=image.device)
+        row = torch.tensor(fill, dtype=image.dtype, device=image.device).repeat(w)   # one padded row, (w * 3,)
         crop.view(h, w * 3).copy_(row.expand(h, w * 3))
         if x1 > x0 and y1 > y0:
             crop[y0 - top:y1 - top, x0 - left:x1 - left] = hwc[y0:y1, x0:x1]
@@ -460,6 +461,12 @@ class VOCDetection(Dataset):
     ``info`` float64 ``(5,)`` = ``(index, orig_height, orig_width, exposure, saturation)``.
     An unreadable image yields ``None`` (named in a warning); :func:`collate_skip_none` drops it.
 
+    ``decode_on_device=True`` (``train_detector.py --gpu-decode``): for a JPEG the item's image is
+    its file's bytes, its augmentation drawn from the header's size, and ``info`` has five more
+    columns ``(left, top, w, h, flip)``, the window :func:`warp_image` crops; the collation is
+    :func:`collate_encoded`, and :meth:`finish_on_device` decodes and warps the batch on the GPU.
+    Other formats are decoded and warped in the worker as usual (their ``flip`` column 0).
+
     ``cache_images=True`` keeps every decoded image in memory after its first read (about
     ``H * W * 3`` bytes each: a few hundred MB for the demo, far more for VOC): later epochs skip
     the JPEG decode. The cache lives in the process that reads: it lasts with ``--workers 0``
@@ -473,7 +480,7 @@ class VOCDetection(Dataset):
     def __init__(self, data_root: str | Path, image_set: str, class_names: Sequence[str] = VOC_CLASSES,
                  image_size: int = 448, S: int = 7, train: bool = False, keep_difficult: bool = False,
                  jitter: float = 0.2, hsv: float = 1.5, seed: int = 0, mean: Sequence[float] = MEAN,
-                 cache_images: bool = False):
+                 cache_images: bool = False, decode_on_device: bool = False):
         self.root = resolve_voc_root(data_root)
         self.class_names = list(class_names)
         self.image_size, self.S, self.C = image_size, S, len(class_names)
@@ -481,7 +488,8 @@ class VOCDetection(Dataset):
         self.seed, self.epoch = seed, 0
         self.fill = [round(255 * m) for m in mean]   # padding normalises to 0
         self.report: list[tuple[str, str]] = []
-        self.cache: dict[int, Tensor] | None = {} if cache_images else None
+        self.decode_on_device = decode_on_device
+        self.cache: dict[int, Tensor] | None = {} if cache_images and not decode_on_device else None
         self.items: list[tuple[Path, Annotation]] = []
         multi = len(parse_image_set(image_set)) > 1
         for year, image_id, voc in image_set_ids(self.root, image_set, self.report):
@@ -567,15 +575,22 @@ class VOCDetection(Dataset):
     def __getitem__(self, index: int):
         path, ann = self.items[index]
         image = self.cache.get(index) if self.cache is not None else None
+        data = None
         if image is None:
             try:
-                image = read_image(path)
+                if self.decode_on_device:   # a JPEG's bytes and the draws; decode_on_device_batch does the rest
+                    data, W, H = read_encoded(path)
+                    if bytes(data[:3].numpy()) != JPEG_SOI:
+                        image, data = decode_encoded(data, path), None     # PNG ...: decoded here
+                else:
+                    image = read_image(path)
             except DataError as e:
                 warnings.warn(f"skipped: {e}")
                 return None
             if self.cache is not None:
                 self.cache[index] = image
-        H, W = image.shape[-2:]
+        if image is not None:
+            H, W = image.shape[-2:]
         keep = np.ones(len(ann.labels), bool) if self.keep_difficult else ~ann.difficult
         boxes = self.boxes_px(ann, as_array=True)[keep].clip(0, np.array([W, H, W, H], np.float32))
         labels = ann.labels[keep]
@@ -583,11 +598,21 @@ class VOCDetection(Dataset):
         if self.train:
             p = AugmentParams.sample(np.random.default_rng([self.seed, self.epoch, index]), self.jitter, self.hsv)
         window = crop_window(W, H, p)
-        image = warp_image(image, window, self.image_size, p.flip, self.fill)
         boxes, kept = warp_boxes(boxes, window, self.image_size, p.flip)
         target = encode_target(boxes, labels[kept], self.image_size, self.S, self.C)
-        info = torch.tensor([index, H, W, p.exposure, p.saturation], dtype=torch.float64)
-        return image, target, info
+        info = [index, H, W, p.exposure, p.saturation]
+        if data is not None:
+            return data, target, torch.tensor(info + [*window, float(p.flip)], dtype=torch.float64)
+        image = warp_image(image, window, self.image_size, p.flip, self.fill)
+        if self.decode_on_device:
+            info += [*window, 0.0]
+        return image, target, torch.tensor(info, dtype=torch.float64)
+
+    def finish_on_device(self, batch: list | None, device: torch.device) -> list | None:
+        """A batch of ``decode_on_device=True`` (collated by :func:`collate_encoded`) decoded and
+        warped on ``device``: ``[uint8 (N, 3, S, S), targets, info]``, or ``None``
+        (:func:`decode_on_device_batch`)."""
+        return decode_on_device_batch(batch, lambda i: self.items[i][0], self.image_size, self.fill, device)
 
 
 def stack_images(images: Sequence[Tensor]) -> Tensor:
@@ -600,6 +625,119 @@ def stack_images(images: Sequence[Tensor]) -> Tensor:
     if all(x.is_contiguous() for x in hwc):
         return torch.utils.data.default_collate(hwc).permute(0, 3, 1, 2)
     return torch.utils.data.default_collate(list(images))
+
+
+JPEG_SOI = b"\xff\xd8\xff"
+_DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG decoder refused, if any
+
+
+def collate_encoded(batch: list):
+    """The collation for datasets with ``decode_on_device=True`` (``--gpu-decode``), whose items'
+    first field is a JPEG's bytes or, for other formats, the image the worker decoded and warped:
+    the ``None`` of unreadable images dropped; the bytes concatenated into one tensor (one piece of
+    shared memory per batch for the worker to hand over and to pin, not one per image) with
+    ``offsets`` such that image ``i``'s bytes are ``data[offsets[i]:offsets[i + 1]]`` (none for an
+    image decoded in the worker: those come in order in ``decoded``); the other fields batched as
+    usual. Returns ``[(data, offsets, decoded), *fields]``, or ``None`` when no image is left."""
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    images, *rest = zip(*batch)
+    jpegs = [x if x.dim() == 1 else x.new_empty(0) for x in images]
+    offsets = torch.tensor([0] + [len(x) for x in jpegs]).cumsum(0)
+    decoded = [x for x in images if x.dim() == 3]
+    return [(torch.cat(jpegs), offsets, decoded), *(torch.utils.data.default_collate(list(f)) for f in rest)]
+
+
+def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], size: int, fill: Sequence[int],
+                           device: torch.device) -> list | None:
+    """Finish on ``device`` a batch collated by :func:`collate_encoded`: the JPEGs decoded together
+    by ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU) and each warped as its worker drew
+    (:func:`warp_image` to ``size``, ``fill`` outside the image), stacked with the images decoded
+    in the workers. The last field is the items' info: column 0 the dataset index (``path_of``
+    names its file), the last five ``(left, top, w, h, flip)``. Returns ``[uint8 (N, 3, size,
+    size) on device, *fields]`` without the images that failed to decode (a warning names each),
+    or ``None`` when none is left.
+
+    On a CPU the pixels are the workers' own, bit for bit (the same functions; tests check); a GPU's
+    decoder and its float resize round a little differently."""
+    if batch is None:
+        return None
+    (data, offsets, worker_decoded), *fields = batch
+    info = fields[-1]
+    bounds = offsets.tolist()
+    others = iter(worker_decoded)
+    items = [data[a:b] if b > a else next(others) for a, b in zip(bounds[:-1], bounds[1:])]
+    jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
+    decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [path_of(int(info[i, 0])) for i in jpegs],
+                                            device)))
+    images, keep = [], []
+    for i, x in enumerate(items):
+        if x.dim() == 3:                # decoded and warped in the worker
+            images.append(x.to(device, non_blocking=True))
+        elif decoded[i] is not None:
+            left, top, w, h, flip = (int(v) for v in info[i, -5:].tolist())
+            images.append(warp_image(decoded[i], (left, top, w, h), size, bool(flip), fill))
+        else:
+            continue
+        keep.append(i)
+    if not images:
+        return None
+    if len(keep) < len(items):     # (indexing makes new, unpinned tensors: only when an image was dropped)
+        keep_t = torch.tensor(keep)
+        fields = [f[keep_t] for f in fields]
+    return [stack_images(images), *fields]
+
+
+def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) -> list[Tensor | None]:
+    """``datas`` (the files ``paths``) decoded to RGB on ``device``, all in one call; if that call
+    fails, one by one, and an image the device's decoder refuses (a CMYK JPEG for nvJPEG, if it
+    does) by :func:`decode_encoded` on the CPU. ``None`` for an image nothing decodes, or whose
+    size is not its header's (the worker drew its window from the header), with a warning naming
+    the file."""
+    from torchvision.io import decode_jpeg
+
+    def decode(data):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)      # libjpeg's warnings on damaged data, as read_image
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    if not datas:
+        return []
+    if device.type == "cuda":
+        # nvJPEG writes its outputs from its own stream without waiting for the work queued on ours, into
+        # blocks the caching allocator may just have recycled from that work (the previous step's batch,
+        # say): wait for it first (pytorch/vision#9606; torchcodec added the same barrier, #1634)
+        torch.cuda.current_stream(device).synchronize()
+    try:
+        out = decode(datas)
+    except (RuntimeError, UserWarning):
+        out = []
+        for data, path in zip(datas, paths):
+            try:
+                out.append(decode(data))
+            except (RuntimeError, UserWarning) as refused:
+                try:
+                    out.append(decode_encoded(data, path).to(device))
+                except DataError as e:
+                    warnings.warn(f"skipped: {e}")
+                    out.append(None)
+                    continue
+                if device.type != "cpu" and not _DEVICE_DECODER_REFUSED:    # once: it may refuse every image
+                    _DEVICE_DECODER_REFUSED.append(path)
+                    reason = str(refused).splitlines()[0][:200]
+                    warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
+                                  "CPU, as any other image it refuses will be (said once)")
+    for k, (image, data, path) in enumerate(zip(out, datas, paths)):
+        if image is None:
+            continue
+        w, h = image_header_size(data, path)
+        if tuple(image.shape[-2:]) != (h, w):
+            warnings.warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
+                          f"{w}x{h}")
+            out[k] = None
+    return out
 
 
 def collate_skip_none(batch: list):

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import (DataError, decode_encoded, image_header_size, read_encoded, read_image, stack_images,
+from dataset import (JPEG_SOI, DataError, decode_encoded, decode_on_device_batch, read_encoded, read_image,
                      warp_image)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
@@ -427,8 +427,9 @@ class ImageNetClassification(Dataset):
             if self.decode_on_device:   # JPEG bytes and the draws; decode_on_device_batch does the rest
                 data, width, height = read_encoded(path)
                 if bytes(data[:3].numpy()) == JPEG_SOI:
-                    draws = self._draw(height, width, rng)
-                    return data, label, torch.tensor([index, *draws[5:], *draws[:5]], dtype=torch.float64)
+                    top, left, h, w, flip, exposure, saturation = self._draw(height, width, rng)
+                    return data, label, torch.tensor([index, exposure, saturation, left, top, w, h, flip],
+                                                     dtype=torch.float64)
                 image = decode_encoded(data, path)     # PNG, GIF ...: decoded here, as without the option
             else:
                 image = read_image(path)
@@ -443,8 +444,18 @@ class ImageNetClassification(Dataset):
         # memory order: a dense crop takes the resize's fast path, and the batch stays channels-last
         # until color_normalize (dataset.warp_image)
         image = warp_image(image, (left, top, w, h), self.image_size, bool(flip), (0, 0, 0))
-        info = [index, exposure, saturation] + ([top, left, h, w, 0.0] if self.decode_on_device else [])
+        info = [index, exposure, saturation] + ([left, top, w, h, 0.0] if self.decode_on_device else [])
         return image, label, torch.tensor(info, dtype=torch.float64)
+
+    def path(self, index: int) -> Path:
+        return Path(os.fsdecode(self.paths[index]))
+
+    def finish_on_device(self, batch: list | None, device: torch.device) -> list | None:
+        """A training batch of ``decode_on_device=True`` (collated by :func:`dataset.collate_encoded`)
+        decoded, cropped, resized and flipped on ``device``: ``[uint8 (N, 3, S, S), labels, info]``
+        with ``info`` ``(index, exposure, saturation, left, top, w, h, flip)``, or ``None``
+        (:func:`dataset.decode_on_device_batch`)."""
+        return decode_on_device_batch(batch, self.path, self.image_size, (0, 0, 0), device)
 
     def _draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[float, ...]:
         """The training view's random draws for an image of ``height`` x ``width``, in this order:
@@ -459,121 +470,6 @@ class ImageNetClassification(Dataset):
                 return float(f if rng.random() < 0.5 else 1.0 / f)
             exposure, saturation = rand_scale(), rand_scale()
         return top, left, h, w, flip, exposure, saturation
-
-
-JPEG_SOI = b"\xff\xd8\xff"
-_DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG decoder refused, if any
-
-
-def collate_encoded(batch: list):
-    """The collation for ``ImageNetClassification(decode_on_device=True)``: the ``None`` of
-    unreadable images dropped; the JPEGs' bytes concatenated into one tensor (one piece of shared
-    memory per batch for the worker to hand over and to pin, instead of one per image), with
-    ``offsets`` such that image ``i``'s bytes are ``data[offsets[i]:offsets[i + 1]]`` (none for an
-    image decoded in the worker: those, ``(3, S, S)``, come in order in ``decoded``); labels and
-    info batched. Returns ``[(data, offsets, decoded), labels, info]``, or ``None`` when no image
-    is left."""
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    images, labels, info = zip(*batch)
-    jpegs = [x if x.dim() == 1 else x.new_empty(0) for x in images]
-    offsets = torch.tensor([0] + [len(x) for x in jpegs]).cumsum(0)
-    decoded = [x for x in images if x.dim() == 3]
-    return [(torch.cat(jpegs), offsets, decoded), torch.tensor(labels), torch.stack(info)]
-
-
-def decode_on_device_batch(batch: list | None, dataset: ImageNetClassification, device: torch.device) -> list | None:
-    """Finish on ``device`` a batch of ``dataset`` with ``decode_on_device=True`` (collated by
-    :func:`collate_encoded`): the JPEGs decoded together by ``torchvision.io.decode_jpeg`` (nvJPEG on
-    a GPU), each cropped, resized (antialiased) and flipped as its worker drew, stacked with the
-    images decoded in the workers. Returns ``[uint8 (N, 3, S, S) on device, labels, info]``, the
-    ``info`` columns ``(index, exposure, saturation, top, left, h, w, flip)``, without the images
-    that failed to decode (a warning names each), or ``None`` when none is left.
-
-    On a CPU the pixels are those of the workers' decode, bit for bit (a test checks); a GPU's
-    decoder and its float resize round differently, by a grey level or two."""
-    if batch is None:
-        return None
-    (data, offsets, worker_decoded), labels, info = batch
-    bounds = offsets.tolist()
-    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    others = iter(worker_decoded)
-    items = [data[a:b] if b > a else next(others) for a, b in spans]
-    size = dataset.image_size
-    jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
-    decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [int(info[i, 0]) for i in jpegs],
-                                            dataset, device)))
-    images, keep = [], []
-    for i, x in enumerate(items):
-        if x.dim() == 3:                # decoded and cropped in the worker
-            images.append(x.to(device, non_blocking=True))
-        elif decoded[i] is not None:
-            top, left, h, w, flip = (int(v) for v in info[i, 3:8].tolist())
-            image = TF.resized_crop(decoded[i], top, left, h, w, [size, size], antialias=True)
-            images.append(image.flip(-1) if flip else image)
-        else:
-            continue
-        keep.append(i)
-    if not images:
-        return None
-    if len(keep) < len(items):     # (indexing makes new, unpinned tensors: only when an image was dropped)
-        keep_t = torch.tensor(keep)
-        labels, info = labels[keep_t], info[keep_t]
-    return [stack_images(images) if device.type == "cpu" else torch.stack(images), labels, info]
-
-
-def _decode_jpegs(datas: list[Tensor], indices: list[int], dataset: ImageNetClassification,
-                  device: torch.device) -> list[Tensor | None]:
-    """``datas`` decoded to RGB on ``device``, all in one call; if that call fails, one by one, and
-    an image the device's decoder refuses (a CMYK JPEG for nvJPEG) by :func:`dataset.decode_encoded`
-    on the CPU. ``None`` for an image nothing decodes, or whose size is not its header's (the
-    worker drew its crop from the header), with a warning naming the file."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    def decode(data):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)      # libjpeg's warnings on damaged data, as read_image
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-    if not datas:
-        return []
-    if device.type == "cuda":
-        # nvJPEG writes its outputs from its own stream without waiting for the work queued on ours, into
-        # blocks the caching allocator may just have recycled from that work (the previous step's batch,
-        # say): wait for it first (pytorch/vision#9606; torchcodec added the same barrier, #1634)
-        torch.cuda.current_stream(device).synchronize()
-    try:
-        out = decode(datas)
-    except (RuntimeError, UserWarning):
-        out = []
-        for data, index in zip(datas, indices):
-            path = Path(os.fsdecode(dataset.paths[index]))
-            try:
-                out.append(decode(data))
-            except (RuntimeError, UserWarning) as refused:
-                try:
-                    out.append(decode_encoded(data, path).to(device))
-                except DataError as e:
-                    warnings.warn(f"skipped: {e}")
-                    out.append(None)
-                    continue
-                if device.type != "cpu" and not _DEVICE_DECODER_REFUSED:    # once: it may refuse every image
-                    _DEVICE_DECODER_REFUSED.append(path)
-                    reason = str(refused).splitlines()[0][:200]
-                    warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
-                                  "CPU, as any other image it refuses will be (said once)")
-    for k, (image, data, index) in enumerate(zip(out, datas, indices)):
-        if image is None:
-            continue
-        path = Path(os.fsdecode(dataset.paths[index]))
-        w, h = image_header_size(data, path)
-        if tuple(image.shape[-2:]) != (h, w):
-            warnings.warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
-                          f"{w}x{h}")
-            out[k] = None
-    return out
 
 
 @dataclass

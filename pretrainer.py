@@ -41,9 +41,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dataset import MEAN, STD, collate_skip_none, color_normalize
-from imagenet import (ImageNetClassification, collate_encoded, decode_on_device_batch, load_imagenet, prepare_val,
-                      resolve_imagenet_root, val_labels)
+from dataset import MEAN, STD, collate_encoded, collate_skip_none, color_normalize
+from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
                    check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, load_weights,
@@ -315,7 +314,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
         if cfg.gpu_decode:   # JPEG bytes from the workers: decoded, cropped and resized on the device
-            batch = decode_on_device_batch(batch, loader.dataset, device)
+            batch = loader.dataset.finish_on_device(batch, device)
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all of

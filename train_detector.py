@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize
+from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_encoded, collate_skip_none, color_normalize
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
@@ -104,6 +104,7 @@ class TrainConfig:
     ema_decay: float = -1.0
     compile: bool = False
     channels_last: bool | None = None
+    gpu_decode: bool = False
     seed: int = 0
     deterministic: bool = False
     eval_interval: int = 0
@@ -185,6 +186,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help=f"channels_last memory format (faster on GPUs, and for the demo model on a CPU) {r}")
+    p.add_argument("--gpu-decode", action="store_true", help="decode the training JPEGs on the training device, a "
+                   "batch at a time (nvJPEG on a GPU), and warp them there; the loader workers read the files, draw "
+                   "the augmentation from the header's size and encode the targets. For a GPU whose host CPUs cannot "
+                   "decode fast enough (on a CPU it moves the decode into the training process; with it "
+                   "--cache-images caches nothing)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")
     p.add_argument("--eval-interval", type=int, default=0, help=f"evaluate mAP every N epochs (and at the end) {r}")
@@ -318,6 +324,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
 
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
+        if cfg.gpu_decode:   # JPEG bytes from the workers: decoded and warped on the device
+            batch = loader.dataset.finish_on_device(batch, device)
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_cfg = model_config(cfg, C=len(class_names))
     train_set = VOCDetection(data_root, cfg.train_set, class_names, cfg.image_size, cfg.S, train=cfg.augment,
                              keep_difficult=cfg.keep_difficult, jitter=cfg.jitter, hsv=cfg.hsv, seed=cfg.seed,
-                             cache_images=cfg.cache_images)
+                             cache_images=cfg.cache_images, decode_on_device=cfg.gpu_decode)
     val_set = VOCDetection(data_root, cfg.val_set, class_names, cfg.image_size, cfg.S, train=False)
     # Data problems: annotation and list problems were collected while indexing; images are checked
     # here by header (--check-data decodes every one). All are reported, none stops training.
@@ -556,7 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
             # resumed run draws exactly the random numbers an uninterrupted one would.
             train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
-                                      **{**loader_kw, "persistent_workers": False})
+                                      **{**loader_kw, "persistent_workers": False,
+                                         "collate_fn": collate_encoded if cfg.gpu_decode else collate_skip_none})
             losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
                                      writer, is_main, checkpoint, steps_per_epoch, stopper, log_file, ema)
             if stopper.requested():   # one decision for all processes (a signal may land on one between checks)

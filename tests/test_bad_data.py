@@ -152,3 +152,68 @@ def test_training_completes_on_bad_data(bad_tree, tmp_path):
     assert ckpt["state"]["skipped_images"] >= 1         # the truncated / zero-byte / bomb images
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert res["skipped_images"] == metrics["skipped_images"] == ckpt["state"]["skipped_images"]
+
+
+def test_gpu_decode_batch_is_the_workers_batch(bad_tree):
+    # On the CPU, JPEG bytes from the workers decoded and warped in the training process give the
+    # workers' own batch bit for bit; the truncated JPEG, which passes its header, fails in the batch's
+    # decode and is skipped with the same warning; the PNG named .jpg is decoded in the worker.
+    import warnings
+    from dataset import collate_encoded, collate_skip_none
+    kw = dict(train=True, jitter=0.2, hsv=1.5, seed=3)
+    plain = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, **kw)
+    on_device = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, decode_on_device=True, **kw)
+    cpu = torch.device("cpu")
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        on_device.set_epoch(epoch)
+        caught = {}
+        for name, ds in (("plain", plain), ("device", on_device)):
+            with warnings.catch_warnings(record=True) as caught[name]:
+                warnings.simplefilter("always")
+                items = [ds[i] for i in range(len(ds))]
+                batch = on_device.finish_on_device(collate_encoded(items), cpu) if name == "device" \
+                    else collate_skip_none(items)
+            caught[name] = sorted(str(w.message).split(": ")[1] for w in caught[name]
+                                  if str(w.message).startswith("skipped: "))          # the files named
+            if name == "plain":
+                ref = batch
+        assert caught["device"] == caught["plain"] and any("truncated.jpg" in m for m in caught["plain"])
+        images, targets, info = batch
+        assert torch.equal(images, ref[0]) and torch.equal(targets, ref[1])
+        assert torch.equal(info[:, :5], ref[2]) and info.shape[1] == 10
+        assert int((info[:, -1] == 1).sum()) > 0                      # some flipped on the device
+
+
+def test_training_with_gpu_decode_is_the_same_run(bad_tree, tmp_path):
+    runs = {}
+    for name, extra in (("workers", []), ("device", ["--gpu-decode"])):
+        runs[name] = train_detector.main(["--data", "demo", *TINY, "--data-root", str(bad_tree), "--epochs", "1",
+                                          "--batch-size", "4", "--out-dir", str(tmp_path / name), *extra])
+    a, b = runs["workers"], runs["device"]
+    assert b["skipped_images"] == a["skipped_images"] >= 1 and b["final_map"] == a["final_map"]
+    history = [json.loads((tmp_path / name / "metrics.json").read_text())["history"] for name in runs]
+    assert history[0] == history[1]                          # every loss term and mAP, digit for digit
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")
+def test_gpu_decode_batch_on_cuda_is_close_to_the_workers_batch(bad_tree):
+    # nvJPEG and the float resize round a little differently from libjpeg and the CPU's uint8 resize;
+    # the truncated JPEG may decode on the GPU without an error (nvJPEG reports less than libjpeg)
+    import warnings
+    from dataset import collate_encoded, collate_skip_none
+    kw = dict(train=True, jitter=0.2, hsv=1.5, seed=3)
+    plain = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, **kw)
+    on_device = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, decode_on_device=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = on_device.finish_on_device(collate_encoded([on_device[i] for i in range(len(on_device))]),
+                                         torch.device("cuda"))
+        ref = collate_skip_none([plain[i] for i in range(len(plain))])
+    assert got[0].is_cuda and got[0].dtype == torch.uint8
+    truncated = next(i for i in range(len(plain)) if plain.annotation(i).image_id == "truncated")
+    rows = (got[2][:, 0] != truncated).nonzero().flatten()
+    images, targets, info = got[0][rows.cuda()].cpu(), got[1][rows], got[2][rows]
+    assert torch.equal(info[:, :5], ref[2]) and torch.equal(targets, ref[1])
+    per_image = (images.int() - ref[0].int()).abs().flatten(1).float().mean(1)
+    assert per_image.mean() < 2.0 and per_image.max() < 6.0, per_image

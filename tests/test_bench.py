@@ -38,6 +38,7 @@ def test_smoke_run_writes_every_section(tmp_path):
                 "voc_eval_seconds", "annotation_loading_warm_seconds", "demo_step_nchw_images_per_s",
                 "demo_step_channels_last_stem_images_per_s", "demo_step_channels_last_all_images_per_s",
                 "train_classifier_e2e_gpu_decode_images_per_s", "loader_classifier_gpu_decode_images_per_s",
+                "train_detector_e2e_gpu_decode_images_per_s", "loader_detector_gpu_decode_images_per_s",
                 "train_detector_device_other_stem_images_per_s", "train_classifier_device_other_stem_images_per_s"):
         assert res[key] is not None and res[key] > 0, key
     assert doc["pipeline_speedup"] == res["pipeline_speedup"] and doc["voc_eval_seconds"] == res["voc_eval_seconds"]

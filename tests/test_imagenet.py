@@ -337,7 +337,7 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
     # On the CPU, bytes from the workers decoded and cropped in the training process give the
     # workers' own batch bit for bit; broken files are skipped with the same warnings, a PNG (named
     # .JPEG, as one of ImageNet's) and grayscale / CMYK JPEGs load.
-    from imagenet import collate_encoded, decode_on_device_batch
+    from dataset import collate_encoded
     root = tmp_path / "r"
     shutil.copytree(tree, root)
     folder = root / "train" / sorted(DEMO_WNIDS)[1]
@@ -365,13 +365,13 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
             data, offsets, decoded = raw[0]
             assert int((offsets.diff() > 0).sum()) == len(plain) - 3 - 1 and len(decoded) == 1   # the PNG
             assert data.dtype == torch.uint8 and data.dim() == 1 and int(offsets[-1]) == len(data)
-            got = decode_on_device_batch(raw, on_device, cpu)
+            got = on_device.finish_on_device(raw, cpu)
         skipped = {Path(str(w.message).split(": ")[1]).name for w in caught if str(w.message).startswith("skipped: ")}
         assert skipped == set(bad) == {Path(str(w.message).split(": ")[1]).name for w in caught_plain}
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
         torch.testing.assert_close(got[2][:, :3], ref[2], rtol=0, atol=0)      # index, exposure, saturation
         assert got[2].shape[1] == 8
-    assert decode_on_device_batch(collate_encoded([None, None]), on_device, cpu) is None
+    assert on_device.finish_on_device(collate_encoded([None, None]), cpu) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")
@@ -380,7 +380,7 @@ def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path
     # resize (chroma upsampling, rounding): about a grey level on average, never a different picture.
     # Broken files: those refused before decoding are skipped by name; the truncated JPEG may decode
     # on the GPU without an error (nvJPEG reports less than libjpeg), so it may or may not be skipped.
-    from imagenet import collate_encoded, decode_on_device_batch
+    from dataset import collate_encoded
     root = tmp_path / "r"
     shutil.copytree(tree, root)
     folder = root / "train" / sorted(DEMO_WNIDS)[1]
@@ -392,7 +392,7 @@ def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batch = collate_encoded([on_device[i] for i in range(len(on_device))])
-        got = decode_on_device_batch(batch, on_device, torch.device("cuda"))
+        got = on_device.finish_on_device(batch, torch.device("cuda"))
         ref = collate_skip_none([plain[i] for i in range(len(plain))])
     skipped = [Path(str(w.message).split(": ")[1]).name for w in caught if str(w.message).startswith("skipped: ")]
     assert {"zerobyte.JPEG", "notimage.JPEG", "bomb.JPEG"} <= set(skipped) <= set(bad)
