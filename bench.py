@@ -879,32 +879,37 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
     """Both models end to end, and their data alone, as ``--gpu-decode`` feeds them (train_detector.py,
     pretrainer.py): the workers read the files, draw the augmentation and (detector) encode the
     targets; the JPEGs are decoded (nvJPEG on a GPU) and warped on the device
-    (``dataset.decode_on_device_batch``). A part of its own, run after the others: the newest code
-    path, never run on a GPU before, must not cost the other parts' numbers."""
+    (``dataset.decode_on_device_batch``). A part of its own, after the other parts but the GPU's
+    max-autotune one: the newest code path, never run on a GPU before, must not cost the earlier
+    parts' numbers."""
     from dataset import collate_encoded
     from loss import YoloLoss
     from pretrainer import RECIPES as CLS_RECIPES
     from train_detector import RECIPES as DET_RECIPES
     device = torch.device(cfg.device)
     decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
-    for name in ("detector", "classifier"):
+
+    def measure(name: str) -> None:
         if name == "detector":
-            mcfg = YoloConfig(image_size=cfg.det_size, width=cfg.det_width)
-            model, recipe, batch = YOLOv1(mcfg).to(device), DET_RECIPES["voc"], cfg.det_batch
-            ds = detector_dataset(ws, cfg.det_size, decode_on_device=True)
+            mcfg, size, batch, recipe = YoloConfig(image_size=cfg.det_size, width=cfg.det_width), cfg.det_size, \
+                cfg.det_batch, DET_RECIPES["voc"]
+            model = YOLOv1(mcfg).to(device)
+            ds = detector_dataset(ws, size, decode_on_device=True)
         else:
-            mcfg = YoloConfig(width=cfg.cls_width)
-            model, recipe, batch = Classifier(mcfg, num_classes=1000).to(device), CLS_RECIPES["imagenet"], cfg.cls_batch
-            ds = classifier_dataset(ws, cfg.cls_size, decode_on_device=True)
+            mcfg, size, batch, recipe = YoloConfig(width=cfg.cls_width), cfg.cls_size, cfg.cls_batch, \
+                CLS_RECIPES["imagenet"]
+            model = Classifier(mcfg, num_classes=1000).to(device)
+            ds = classifier_dataset(ws, size, decode_on_device=True)
         if cfg.channels_last:
             to_channels_last(model)
-        _, flops = count_params_flops(model, cfg.det_size if name == "detector" else cfg.cls_size)
+        _, flops = count_params_flops(model, size)
         optimizer = _optimizer(model, recipe, device)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
         step = (detector_step(model, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device)
                 if name == "detector" else classifier_step(model, optimizer, scaler, cfg, device))
         model.train()
-        note = f"{decoder}: decode + warp on the device; {_loader_note(cfg, device)}"
+        note = (f"{size} px, width {mcfg.width}, batch {batch}; {decoder}: decode + warp on the device; "
+                f"{_loader_note(cfg, device)}")
         rate = _loader_rate(lambda *b: step(*ds.finish_on_device(list(b), device)), ds, batch, cfg, device, seed=3,
                             collate=collate_encoded)
         _report_training(report, "train", name, f"end to end, --gpu-decode ({cfg.workers} workers)", rate, flops,
@@ -913,7 +918,9 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
                             collate=collate_encoded)
         report.add("train", f"{name} data alone, --gpu-decode ({cfg.workers} workers)", rate, "img/s", note,
                    key=f"loader_{name}_gpu_decode_images_per_s")
-        del model, optimizer, step
+
+    for name in ("detector", "classifier"):
+        measure(name)              # its model and optimizer freed on return
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

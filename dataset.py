@@ -223,7 +223,7 @@ def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip
         crop = hwc[top:top + h, left:left + w].contiguous()   # dense: the resize's fast path (0.3 vs 0.6 ms)
     else:
         crop = torch.empty((h, w, 3), dtype=image.dtype, device=image.device)
-        row = torch.tensor(fill, dtype=image.dtype, device=image.device).repeat(w)   # one padded row, (w * 3,)
+        row = _fill_pixel(image.device, tuple(fill), image.dtype).repeat(w)   # one padded row, (w * 3,)
         crop.view(h, w * 3).copy_(row.expand(h, w * 3))
         if x1 > x0 and y1 > y0:
             crop[y0 - top:y1 - top, x0 - left:x1 - left] = hwc[y0:y1, x0:x1]
@@ -250,6 +250,13 @@ def warp_boxes(boxes: Tensor | np.ndarray, window: tuple[int, int, int, int], si
     if isinstance(boxes, Tensor):
         return torch.from_numpy(out[keep]), torch.from_numpy(keep)
     return out[keep], keep
+
+
+@functools.lru_cache(maxsize=16)
+def _fill_pixel(device: torch.device, fill: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """The padding colour as a ``(3,)`` tensor on ``device``, made once (on a GPU a tensor built from
+    a list is a blocking copy: one stall per padded image otherwise)."""
+    return torch.tensor(fill, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -465,7 +472,8 @@ class VOCDetection(Dataset):
     its file's bytes, its augmentation drawn from the header's size, and ``info`` has five more
     columns ``(left, top, w, h, flip)``, the window :func:`warp_image` crops; the collation is
     :func:`collate_encoded`, and :meth:`finish_on_device` decodes and warps the batch on the GPU.
-    Other formats are decoded and warped in the worker as usual (their ``flip`` column 0).
+    Other images (:func:`is_device_jpeg`: PNGs, CMYK JPEGs ...) are decoded and warped in the
+    worker as usual (their ``flip`` column 0).
 
     ``cache_images=True`` keeps every decoded image in memory after its first read (about
     ``H * W * 3`` bytes each: a few hundred MB for the demo, far more for VOC): later epochs skip
@@ -580,8 +588,8 @@ class VOCDetection(Dataset):
             try:
                 if self.decode_on_device:   # a JPEG's bytes and the draws; decode_on_device_batch does the rest
                     data, W, H = read_encoded(path)
-                    if bytes(data[:3].numpy()) != JPEG_SOI:
-                        image, data = decode_encoded(data, path), None     # PNG ...: decoded here
+                    if not is_device_jpeg(data):
+                        image, data = decode_encoded(data, path), None     # PNG, CMYK ...: decoded here
                 else:
                     image = read_image(path)
             except DataError as e:
@@ -628,6 +636,16 @@ def stack_images(images: Sequence[Tensor]) -> Tensor:
 
 
 JPEG_SOI = b"\xff\xd8\xff"
+
+
+def is_device_jpeg(data: Tensor) -> bool:
+    """Whether a file's bytes are a JPEG that :func:`decode_on_device_batch` hands to the device's
+    decoder: a colour (YCbCr) or grayscale one. CMYK and other JPEGs, and other formats, are
+    decoded in the loader worker (nvJPEG may refuse them, or decode them otherwise than libjpeg)."""
+    if bytes(data[:3].numpy()) != JPEG_SOI:
+        return False
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:      # the header only
+        return im.mode in ("RGB", "L")
 _DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG decoder refused, if any
 
 
@@ -664,19 +682,19 @@ def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], s
     if batch is None:
         return None
     (data, offsets, worker_decoded), *fields = batch
-    info = fields[-1]
+    rows = fields[-1].tolist()          # info: index first, (left, top, w, h, flip) last
     bounds = offsets.tolist()
     others = iter(worker_decoded)
     items = [data[a:b] if b > a else next(others) for a, b in zip(bounds[:-1], bounds[1:])]
     jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
-    decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [path_of(int(info[i, 0])) for i in jpegs],
+    decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [path_of(int(rows[i][0])) for i in jpegs],
                                             device)))
     images, keep = [], []
     for i, x in enumerate(items):
         if x.dim() == 3:                # decoded and warped in the worker
             images.append(x.to(device, non_blocking=True))
         elif decoded[i] is not None:
-            left, top, w, h, flip = (int(v) for v in info[i, -5:].tolist())
+            left, top, w, h, flip = (int(v) for v in rows[i][-5:])
             images.append(warp_image(decoded[i], (left, top, w, h), size, bool(flip), fill))
         else:
             continue
@@ -705,6 +723,7 @@ def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) 
 
     if not datas:
         return []
+    sizes = [image_header_size(data, path) for data, path in zip(datas, paths)]   # host work before the wait
     if device.type == "cuda":
         # nvJPEG writes its outputs from its own stream without waiting for the work queued on ours, into
         # blocks the caching allocator may just have recycled from that work (the previous step's batch,
@@ -729,11 +748,8 @@ def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) 
                     reason = str(refused).splitlines()[0][:200]
                     warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
                                   "CPU, as any other image it refuses will be (said once)")
-    for k, (image, data, path) in enumerate(zip(out, datas, paths)):
-        if image is None:
-            continue
-        w, h = image_header_size(data, path)
-        if tuple(image.shape[-2:]) != (h, w):
+    for k, (image, (w, h), path) in enumerate(zip(out, sizes, paths)):
+        if image is not None and tuple(image.shape[-2:]) != (h, w):
             warnings.warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
                           f"{w}x{h}")
             out[k] = None

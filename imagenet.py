@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import (JPEG_SOI, DataError, decode_encoded, decode_on_device_batch, read_encoded, read_image,
+from dataset import (DataError, decode_encoded, decode_on_device_batch, is_device_jpeg, read_encoded, read_image,
                      warp_image)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
@@ -368,7 +368,14 @@ class ImageNetClassification(Dataset):
     the uint8 image) to ``image_size``, horizontal flip, and with ``color_jitter`` J > 0 exposure
     and saturation factors drawn in [1, 1+J] and inverted half the time (darknet's ``rand_scale``),
     applied batched by :func:`dataset.color_normalize`; the training image is ``(3, S, S)`` with its
-    memory in ``(S, S, 3)`` order (:func:`dataset.warp_image`). ``train=False``: :func:`eval_transform`.
+    memory in ``(S, S, 3)`` order (:func:`dataset.warp_image`), and ``info`` is ``(index, exposure,
+    saturation)``. ``train=False``: :func:`eval_transform`.
+
+    ``decode_on_device=True`` (training only; ``pretrainer.py --gpu-decode``): for a colour or
+    grayscale JPEG the item's image is its file's bytes, its crop and flip drawn from the header's
+    size, and ``info`` has five more columns ``(left, top, w, h, flip)``; the collation is
+    :func:`dataset.collate_encoded`, and :meth:`finish_on_device` decodes, crops, resizes and flips
+    the batch on the GPU. Other images are decoded and warped in the worker (their ``flip`` 0).
     An unreadable image yields ``None`` and a warning naming it; :func:`dataset.collate_skip_none`
     drops it.
     """
@@ -426,11 +433,11 @@ class ImageNetClassification(Dataset):
         try:
             if self.decode_on_device:   # JPEG bytes and the draws; decode_on_device_batch does the rest
                 data, width, height = read_encoded(path)
-                if bytes(data[:3].numpy()) == JPEG_SOI:
+                if is_device_jpeg(data):
                     top, left, h, w, flip, exposure, saturation = self._draw(height, width, rng)
                     return data, label, torch.tensor([index, exposure, saturation, left, top, w, h, flip],
                                                      dtype=torch.float64)
-                image = decode_encoded(data, path)     # PNG, GIF ...: decoded here, as without the option
+                image = decode_encoded(data, path)     # PNG, CMYK ...: decoded here, as without the option
             else:
                 image = read_image(path)
         except DataError as e:

@@ -446,7 +446,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: {len(ds)} images from {ds.root} ({cfg.train_set if name == 'train' else cfg.val_set}); "
                   f"{len(rep)} data problems found and handled")
             print_problems(rep, cfg.check_data)
-        if cfg.cache_images and cfg.workers > 0:
+        if cfg.cache_images and cfg.gpu_decode:
+            print("--cache-images with --gpu-decode: the training images are not decoded in the loader, so nothing "
+                  "is cached")
+        elif cfg.cache_images and cfg.workers > 0:
             print(f"--cache-images with --workers {cfg.workers}: each epoch's loader processes cache only what "
                   "they read and end with the epoch, so it saves little; it pays off with --workers 0")
     if cfg.check_data:

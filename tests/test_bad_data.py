@@ -154,12 +154,25 @@ def test_training_completes_on_bad_data(bad_tree, tmp_path):
     assert res["skipped_images"] == metrics["skipped_images"] == ckpt["state"]["skipped_images"]
 
 
+def _add_second_png(root):
+    """One more PNG named .jpg in the tree, so that two images decoded in the worker (plus the CMYK
+    JPEG) come in one batch and their order is checked."""
+    voc = root / "VOCdevkit" / "VOC2007"
+    rgb = np.random.default_rng(5).integers(0, 255, (100, 150, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(voc / "JPEGImages" / "png2.jpg", "PNG")
+    (voc / "Annotations" / "png2.xml").write_text(XML.format(w=150, h=100, objects=obj()))
+    lst = voc / "ImageSets" / "Main" / "trainval.txt"
+    lst.write_text(lst.read_text() + "png2\n")
+
+
 def test_gpu_decode_batch_is_the_workers_batch(bad_tree):
     # On the CPU, JPEG bytes from the workers decoded and warped in the training process give the
     # workers' own batch bit for bit; the truncated JPEG, which passes its header, fails in the batch's
-    # decode and is skipped with the same warning; the PNG named .jpg is decoded in the worker.
+    # decode and is skipped with the same warning; PNGs named .jpg and the CMYK JPEG are decoded in the
+    # worker.
     import warnings
     from dataset import collate_encoded, collate_skip_none
+    _add_second_png(bad_tree)
     kw = dict(train=True, jitter=0.2, hsv=1.5, seed=3)
     plain = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, **kw)
     on_device = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, decode_on_device=True, **kw)
@@ -172,8 +185,10 @@ def test_gpu_decode_batch_is_the_workers_batch(bad_tree):
             with warnings.catch_warnings(record=True) as caught[name]:
                 warnings.simplefilter("always")
                 items = [ds[i] for i in range(len(ds))]
-                batch = on_device.finish_on_device(collate_encoded(items), cpu) if name == "device" \
-                    else collate_skip_none(items)
+                if name == "device":
+                    raw = collate_encoded(items)
+                    assert len(raw[0][2]) == 3                      # alpha_png, png2 and cmyk, in the worker
+                batch = on_device.finish_on_device(raw, cpu) if name == "device" else collate_skip_none(items)
             caught[name] = sorted(str(w.message).split(": ")[1] for w in caught[name]
                                   if str(w.message).startswith("skipped: "))          # the files named
             if name == "plain":
@@ -211,9 +226,13 @@ def test_gpu_decode_batch_on_cuda_is_close_to_the_workers_batch(bad_tree):
                                          torch.device("cuda"))
         ref = collate_skip_none([plain[i] for i in range(len(plain))])
     assert got[0].is_cuda and got[0].dtype == torch.uint8
-    truncated = next(i for i in range(len(plain)) if plain.annotation(i).image_id == "truncated")
-    rows = (got[2][:, 0] != truncated).nonzero().flatten()
+    # left out of the pixel comparison: the truncated JPEG (the CPU skips it, nvJPEG may not) and the one
+    # damaged inside its data (libjpeg decodes it to wrong pixels; nvJPEG may decode it otherwise)
+    ids = {plain.annotation(i).image_id: i for i in range(len(plain))}
+    odd = torch.tensor([ids["truncated"], ids["damaged"]], dtype=got[2].dtype)
+    rows = (~torch.isin(got[2][:, 0], odd)).nonzero().flatten()
+    ref_rows = (~torch.isin(ref[2][:, 0], odd)).nonzero().flatten()
     images, targets, info = got[0][rows.cuda()].cpu(), got[1][rows], got[2][rows]
-    assert torch.equal(info[:, :5], ref[2]) and torch.equal(targets, ref[1])
-    per_image = (images.int() - ref[0].int()).abs().flatten(1).float().mean(1)
-    assert per_image.mean() < 2.0 and per_image.max() < 6.0, per_image
+    assert torch.equal(info[:, :5], ref[2][ref_rows]) and torch.equal(targets, ref[1][ref_rows])
+    per_image = (images.int() - ref[0][ref_rows].int()).abs().flatten(1).float().mean(1)
+    assert per_image.mean() < 3.0 and per_image.max() < 8.0, per_image    # another picture: tens of levels

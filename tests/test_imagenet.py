@@ -342,8 +342,9 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
     shutil.copytree(tree, root)
     folder = root / "train" / sorted(DEMO_WNIDS)[1]
     bad = add_bad_images(folder)
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (90, 70, 3), dtype=np.uint8)).save(
-        folder / "png.JPEG", "PNG")
+    for k, name in enumerate(("png.JPEG", "png2.JPEG")):      # two, so that their order is checked
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (90 - 10 * k, 70, 3), dtype=np.uint8)).save(
+            folder / name, "PNG")
     plain = load_imagenet(root, 48, seed=2, color_jitter=0.5).train
     on_device = load_imagenet(root, 48, seed=2, color_jitter=0.5, decode_on_device=True).train
     assert on_device.decode_on_device and not plain.decode_on_device
@@ -360,10 +361,10 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
             warnings.simplefilter("always")
             items = [on_device[i] for i in range(len(on_device))]
             raw = collate_encoded(items)
-            # bytes for all but the PNG and the 3 files refused before decoding; the truncated JPEG goes
-            # as bytes and fails in the batch's decode
+            # bytes for all but the 3 files refused before decoding and the 3 decoded in the worker (the
+            # PNGs and the CMYK JPEG); the truncated JPEG goes as bytes and fails in the batch's decode
             data, offsets, decoded = raw[0]
-            assert int((offsets.diff() > 0).sum()) == len(plain) - 3 - 1 and len(decoded) == 1   # the PNG
+            assert int((offsets.diff() > 0).sum()) == len(plain) - 3 - 3 and len(decoded) == 3
             assert data.dtype == torch.uint8 and data.dim() == 1 and int(offsets[-1]) == len(data)
             got = on_device.finish_on_device(raw, cpu)
         skipped = {Path(str(w.message).split(": ")[1]).name for w in caught if str(w.message).startswith("skipped: ")}
@@ -372,6 +373,22 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
         torch.testing.assert_close(got[2][:, :3], ref[2], rtol=0, atol=0)      # index, exposure, saturation
         assert got[2].shape[1] == 8
     assert on_device.finish_on_device(collate_encoded([None, None]), cpu) is None
+
+
+def test_decode_on_device_skips_an_image_whose_size_is_not_its_headers(tree: Path, monkeypatch) -> None:
+    # the worker drew the crop from the header's size: a decoded image of another size is skipped, named
+    import dataset
+    from dataset import collate_encoded
+    on_device = load_imagenet(tree, 32, seed=1, decode_on_device=True).train
+    batch = collate_encoded([on_device[i] for i in range(4)])
+    real = dataset.image_header_size
+    liar = on_device.path(2)
+    monkeypatch.setattr(dataset, "image_header_size",
+                        lambda data, path, *a: (7, 5) if path == liar else real(data, path, *a))
+    with pytest.warns(UserWarning, match=f"skipped: {liar}: decoded to .* pixels, its header says 7x5"):
+        images, labels, info = on_device.finish_on_device(batch, torch.device("cpu"))
+    assert images.shape[0] == 3 and info[:, 0].tolist() == [0, 1, 3]
+    assert torch.equal(labels, batch[1][[0, 1, 3]])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a GPU")
@@ -403,9 +420,9 @@ def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path
         got = [got[0][rows.cuda()], got[1][rows], got[2][rows]]
     assert got[0].shape == ref[0].shape and torch.equal(got[1], ref[1])
     diff = (got[0].cpu().int() - ref[0].int()).abs()
-    assert diff.float().mean() < 2.0, diff.float().mean()      # another picture would be tens of levels off
+    assert diff.float().mean() < 3.0, diff.float().mean()      # another picture would be tens of levels off
     per_image = diff.flatten(1).float().mean(1)
-    assert per_image.max() < 6.0, per_image                    # the CMYK, grayscale and PNG images too
+    assert per_image.max() < 8.0, per_image                    # the grayscale JPEG too
 
 
 def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:
