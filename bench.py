@@ -732,28 +732,48 @@ def _cycle_device_batch(batch: tuple, device: torch.device) -> Iterator:
         yield on_device
 
 
-def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak, compiled: bool = False) -> None:
-    from loss import YoloLoss
-    from train_detector import RECIPES
-    device = torch.device(cfg.device)
-    section = "compile" if compiled else "train"
-    mcfg = YoloConfig(image_size=cfg.det_size, width=cfg.det_width)
-    model = YOLOv1(mcfg).to(device)
+def _training_setup(name: str, cfg: BenchConfig, device: torch.device, compiled: bool = False):
+    """The detector's or the classifier's training as its script builds it: ``(model, optimizer,
+    make_step, flops, note)``, where ``make_step(read_now=False)`` makes the step (the detector's can
+    read its record at once), ``flops`` are the forward FLOPs per image and ``note`` describes the
+    rows. ``compiled``: the step runs the torch.compile'd model."""
+    if name == "detector":
+        from loss import YoloLoss
+        from train_detector import RECIPES
+        mcfg, recipe, size, batch = YoloConfig(image_size=cfg.det_size, width=cfg.det_width), RECIPES["voc"], \
+            cfg.det_size, cfg.det_batch
+        model = YOLOv1(mcfg).to(device)
+    else:
+        from pretrainer import RECIPES
+        mcfg, recipe, size, batch = YoloConfig(width=cfg.cls_width), RECIPES["imagenet"], cfg.cls_size, cfg.cls_batch
+        model = Classifier(mcfg, num_classes=1000).to(device)
     if cfg.channels_last:
         to_channels_last(model)
-    _, flops = count_params_flops(model, cfg.det_size)
-    optimizer = _optimizer(model, RECIPES["voc"], device)
+    _, flops = count_params_flops(model, size)
+    optimizer = _optimizer(model, recipe, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
     if compiled:
-        torch._dynamo.reset()   # a fresh cache: earlier compiles of YOLOv1.forward must not make shapes dynamic
+        torch._dynamo.reset()   # a fresh cache: earlier compiles of forward must not make shapes dynamic
     net = torch.compile(model) if compiled else model
-    step = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device)
-    ds = detector_dataset(ws, cfg.det_size)
-    first = next(iter(_loader(ds, cfg.det_batch, 1, 0, device)))
-    note = (f"{cfg.det_size} px, width {cfg.det_width}, batch {cfg.det_batch}, {RECIPES['voc']['optimizer']}"
+
+    def make_step(read_now: bool = False) -> Callable:
+        if name == "detector":
+            return detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device, read_now)
+        return classifier_step(net, optimizer, scaler, cfg, device)
+    note = (f"{size} px, width {mcfg.width}, batch {batch}, {recipe['optimizer']}"
             f"{' fused' if optimizer.defaults.get('fused') else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
             f"{', channels_last' if cfg.channels_last else ''}")
     model.train()
+    return model, optimizer, make_step, flops, note
+
+
+def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak, compiled: bool = False) -> None:
+    device = torch.device(cfg.device)
+    section = "compile" if compiled else "train"
+    model, optimizer, make_step, flops, note = _training_setup("detector", cfg, device, compiled)
+    step = make_step()
+    ds = detector_dataset(ws, cfg.det_size)
+    first = next(iter(_loader(ds, cfg.det_batch, 1, 0, device)))
     first_peak = None if compiled else _first_step_then_reset_peak(step, first, device)
     if compiled:
         t0 = time.perf_counter()
@@ -769,8 +789,7 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
         _other_stem_row(report, section, "detector", step, first, cfg.det_batch, cfg, device,
                         "train_detector_device_other_stem_images_per_s")
     if device.type == "cuda":
-        eager_read = detector_step(net, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device,
-                                   read_now=True)
+        eager_read = make_step(read_now=True)
         rate = _time_steps(eager_read, _cycle_device_batch(first, device), 2, cfg.steps, cfg.det_batch, device)
         report.add(section, f"detector train {tag}on device, record read at once", rate, "img/s",
                    "each step's numbers read before the next is queued (a sync per step): what the late read saves",
@@ -784,7 +803,7 @@ def part_train_detector(report: Report, cfg: BenchConfig, ws: Workspace, peak: P
         rate = _loader_rate(lambda *batch: None, ds, cfg.det_batch, cfg, device, seed=2)
         report.add(section, f"detector data loader alone ({cfg.workers} workers)", rate, "img/s",
                    _loader_note(cfg, device), key="loader_detector_images_per_s")
-    del model, optimizer, net, step, first
+    del model, optimizer, make_step, step, first
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -842,22 +861,11 @@ def part_demo_step(report: Report, cfg: BenchConfig) -> None:
 
 
 def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak) -> None:
-    from pretrainer import RECIPES
     device = torch.device(cfg.device)
-    recipe = RECIPES["imagenet"]
-    model = Classifier(YoloConfig(width=cfg.cls_width), num_classes=1000).to(device)
-    if cfg.channels_last:
-        to_channels_last(model)
-    _, flops = count_params_flops(model, cfg.cls_size)
-    optimizer = _optimizer(model, recipe, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
-    step = classifier_step(model, optimizer, scaler, cfg, device)
+    model, optimizer, make_step, flops, note = _training_setup("classifier", cfg, device)
+    step = make_step()
     ds = classifier_dataset(ws, cfg.cls_size)
     first = next(iter(_loader(ds, cfg.cls_batch, 1, 0, device)))
-    note = (f"{cfg.cls_size} px, width {cfg.cls_width}, batch {cfg.cls_batch}, {recipe['optimizer']}"
-            f"{' fused' if optimizer.defaults.get('fused') else ''}, {'bf16 autocast' if cfg.amp else 'fp32'}"
-            f"{', channels_last' if cfg.channels_last else ''}")
-    model.train()
     first_peak = _first_step_then_reset_peak(step, first, device)
     rate = _time_steps(step, _cycle_device_batch(first, device), cfg.warmup_steps, cfg.steps, cfg.cls_batch, device)
     _report_training(report, "train", "classifier", "on device", rate, flops, peak, note, "train_classifier_device")
@@ -870,7 +878,7 @@ def part_train_classifier(report: Report, cfg: BenchConfig, ws: Workspace, peak:
     rate = _loader_rate(lambda *batch: None, ds, cfg.cls_batch, cfg, device, seed=2)
     report.add("train", f"classifier data loader alone ({cfg.workers} workers)", rate, "img/s",
                _loader_note(cfg, device), key="loader_classifier_images_per_s")
-    del model, optimizer, step
+    del model, optimizer, make_step, step
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -883,33 +891,16 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
     max-autotune one: the newest code path, never run on a GPU before, must not cost the earlier
     parts' numbers."""
     from dataset import collate_encoded
-    from loss import YoloLoss
-    from pretrainer import RECIPES as CLS_RECIPES
-    from train_detector import RECIPES as DET_RECIPES
     device = torch.device(cfg.device)
     decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
 
     def measure(name: str) -> None:
-        if name == "detector":
-            mcfg, size, batch, recipe = YoloConfig(image_size=cfg.det_size, width=cfg.det_width), cfg.det_size, \
-                cfg.det_batch, DET_RECIPES["voc"]
-            model = YOLOv1(mcfg).to(device)
-            ds = detector_dataset(ws, size, decode_on_device=True)
-        else:
-            mcfg, size, batch, recipe = YoloConfig(width=cfg.cls_width), cfg.cls_size, cfg.cls_batch, \
-                CLS_RECIPES["imagenet"]
-            model = Classifier(mcfg, num_classes=1000).to(device)
-            ds = classifier_dataset(ws, size, decode_on_device=True)
-        if cfg.channels_last:
-            to_channels_last(model)
-        _, flops = count_params_flops(model, size)
-        optimizer = _optimizer(model, recipe, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and autocast_dtype(device) == torch.float16)
-        step = (detector_step(model, YoloLoss(mcfg.S, mcfg.B, mcfg.C), optimizer, scaler, cfg, device)
-                if name == "detector" else classifier_step(model, optimizer, scaler, cfg, device))
-        model.train()
-        note = (f"{size} px, width {mcfg.width}, batch {batch}; {decoder}: decode + warp on the device; "
-                f"{_loader_note(cfg, device)}")
+        _, _, make_step, flops, note = _training_setup(name, cfg, device)
+        step = make_step()
+        batch = cfg.det_batch if name == "detector" else cfg.cls_batch
+        ds = (detector_dataset(ws, cfg.det_size, decode_on_device=True) if name == "detector"
+              else classifier_dataset(ws, cfg.cls_size, decode_on_device=True))
+        note = f"{note}; {decoder}: decode + warp on the device; {_loader_note(cfg, device)}"
         rate = _loader_rate(lambda *b: step(*ds.finish_on_device(list(b), device)), ds, batch, cfg, device, seed=3,
                             collate=collate_encoded)
         _report_training(report, "train", name, f"end to end, --gpu-decode ({cfg.workers} workers)", rate, flops,

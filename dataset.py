@@ -348,24 +348,26 @@ def read_image(path: Path, exif_orientation: bool = False) -> Tensor:
     an EXIF orientation tag says (detect.py, for photos). A JPEG damaged inside its compressed
     data, not at its end, decodes to wrong pixels with only a libjpeg warning on stderr, which
     :meth:`VOCDetection.check_images` (``decode=True``, ``--check-data``) catches and reports."""
-    data, _, _ = read_encoded(path)
+    data, *_ = read_encoded(path)
     return decode_encoded(data, path, exif_orientation)
 
 
-def read_encoded(path: Path) -> tuple[Tensor, int, int]:
-    """An image file's bytes (1-D uint8) and its ``(width, height)`` from the header, after the
-    checks :func:`read_image` makes before decoding: a :class:`DataError` naming the file for an
-    unreadable, empty or non-image file and for a header over ``MAX_IMAGE_PIXELS``."""
+def read_encoded(path: Path) -> tuple[Tensor, int, int, bool]:
+    """An image file's bytes (1-D uint8), its ``(width, height)`` from the header and whether it is a
+    JPEG for the device's decoder (:func:`is_device_jpeg`), after the checks :func:`read_image` makes
+    before decoding: a :class:`DataError` naming the file for an unreadable, empty or non-image file
+    and for a header over ``MAX_IMAGE_PIXELS``."""
     try:
         data = torchvision_read(path)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if data.numel() == 0:
         raise DataError(f"{path}: empty file")
-    w, h = image_header_size(data, path)
+    with _open_header(data, path) as im:       # one look at the header for all three
+        (w, h), device_jpeg = im.size, is_device_jpeg(data, im.mode)
     if w * h > MAX_IMAGE_PIXELS:
         raise DataError(f"{path}: header claims {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit (decompression bomb?)")
-    return data, w, h
+    return data, w, h, device_jpeg
 
 
 def decode_encoded(data: Tensor, path: Path, exif_orientation: bool = False) -> Tensor:
@@ -436,25 +438,33 @@ def torchvision_read(path: Path) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
-def image_header_size(data: Tensor, path: Path, with_orientation: bool = False) -> tuple[int, ...]:
-    """Width and height from the file header (PIL reads only the header), and with
-    ``with_orientation`` its EXIF orientation tag (1, upright, where it has none; 0 where the tag
-    cannot be read); :class:`DataError` for a file that is no image."""
+@contextlib.contextmanager
+def _open_header(data: Tensor, path: Path):
+    """The image in ``data`` opened by PIL, which reads only its header until asked for pixels;
+    :class:`DataError` naming ``path`` for a file that is no image or a decompression bomb."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
-                if with_orientation:
-                    try:
-                        orientation = int(im.getexif().get(0x0112, 1))
-                    except (TypeError, ValueError, OSError, SyntaxError):   # a malformed tag: not a bad image
-                        orientation = 0
-                    return (*im.size, orientation)
-                return im.size
+                yield im
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def image_header_size(data: Tensor, path: Path, with_orientation: bool = False) -> tuple[int, ...]:
+    """Width and height from the file header (PIL reads only the header), and with
+    ``with_orientation`` its EXIF orientation tag (1, upright, where it has none; 0 where the tag
+    cannot be read); :class:`DataError` for a file that is no image."""
+    with _open_header(data, path) as im:
+        if with_orientation:
+            try:
+                orientation = int(im.getexif().get(0x0112, 1))
+            except (TypeError, ValueError, OSError, SyntaxError):   # a malformed tag: not a bad image
+                orientation = 0
+            return (*im.size, orientation)
+        return im.size
 
 
 # ----------------------------------------------------------------------------- VOC dataset
@@ -587,8 +597,8 @@ class VOCDetection(Dataset):
         if image is None:
             try:
                 if self.decode_on_device:   # a JPEG's bytes and the draws; decode_on_device_batch does the rest
-                    data, W, H = read_encoded(path)
-                    if not is_device_jpeg(data):
+                    data, W, H, device_jpeg = read_encoded(path)
+                    if not device_jpeg:
                         image, data = decode_encoded(data, path), None     # PNG, CMYK ...: decoded here
                 else:
                     image = read_image(path)
@@ -638,14 +648,14 @@ def stack_images(images: Sequence[Tensor]) -> Tensor:
 JPEG_SOI = b"\xff\xd8\xff"
 
 
-def is_device_jpeg(data: Tensor) -> bool:
-    """Whether a file's bytes are a JPEG that :func:`decode_on_device_batch` hands to the device's
-    decoder: a colour (YCbCr) or grayscale one. CMYK and other JPEGs, and other formats, are
-    decoded in the loader worker (nvJPEG may refuse them, or decode them otherwise than libjpeg)."""
-    if bytes(data[:3].numpy()) != JPEG_SOI:
-        return False
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:      # the header only
-        return im.mode in ("RGB", "L")
+def is_device_jpeg(data: Tensor, mode: str) -> bool:
+    """Whether a file's bytes, whose header PIL reads as ``mode``, are a JPEG that
+    :func:`decode_on_device_batch` hands to the device's decoder: a colour (YCbCr) or grayscale one.
+    CMYK and other JPEGs, and other formats, are decoded in the loader worker (nvJPEG may refuse
+    them, or decode them otherwise than libjpeg)."""
+    return bytes(data[:3].numpy()) == JPEG_SOI and mode in ("RGB", "L")
+
+
 _DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG decoder refused, if any
 
 

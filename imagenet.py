@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import (DataError, decode_encoded, decode_on_device_batch, is_device_jpeg, read_encoded, read_image,
+from dataset import (DataError, decode_encoded, decode_on_device_batch, read_encoded, read_image,
                      warp_image)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
@@ -347,7 +347,7 @@ def check_image_header(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` from the header alone (no decode): :class:`DataError` naming the file
     for what :func:`dataset.read_image` refuses before decoding (a zero-byte file, a file that is
     no image, a header over ``MAX_IMAGE_PIXELS``). A truncated file passes; only a decode finds it."""
-    _, w, h = read_encoded(Path(path))
+    _, w, h, _ = read_encoded(Path(path))
     return w, h
 
 
@@ -432,8 +432,8 @@ class ImageNetClassification(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         try:
             if self.decode_on_device:   # JPEG bytes and the draws; decode_on_device_batch does the rest
-                data, width, height = read_encoded(path)
-                if is_device_jpeg(data):
+                data, width, height, device_jpeg = read_encoded(path)
+                if device_jpeg:
                     top, left, h, w, flip, exposure, saturation = self._draw(height, width, rng)
                     return data, label, torch.tensor([index, exposure, saturation, left, top, w, h, flip],
                                                      dtype=torch.float64)

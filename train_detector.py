@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none,
                      persistent_workers=cfg.workers > 0)
+    # rebuilt every epoch (see the loop); --gpu-decode: batches of JPEG bytes, decoded in train_one_epoch
+    train_loader_kw = {**loader_kw, "persistent_workers": False,
+                       "collate_fn": collate_encoded if cfg.gpu_decode else collate_skip_none}
     # its own generator: an evaluation draws nothing from the global RNG (dropout), so how often the run
     # evaluates does not change how it trains
     val_loader = DataLoader(val_set, per_proc, sampler=ShardSampler(len(val_set), rank, world),
@@ -567,8 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
             # resumed run draws exactly the random numbers an uninterrupted one would.
             train_loader = DataLoader(train_set, per_proc, sampler=train_sampler, drop_last=True,
                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
-                                      **{**loader_kw, "persistent_workers": False,
-                                         "collate_fn": collate_encoded if cfg.gpu_decode else collate_skip_none})
+                                      **train_loader_kw)
             losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
                                      writer, is_main, checkpoint, steps_per_epoch, stopper, log_file, ema)
             if stopper.requested():   # one decision for all processes (a signal may land on one between checks)
