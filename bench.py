@@ -78,7 +78,7 @@ from torch import Tensor
 
 from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
     read_image
-from model import (SPACE_TO_DEPTH_DEVICES, Classifier, YoloConfig, YOLOv1, count_params_flops,
+from model import (SPACE_TO_DEPTH_DEVICES, Classifier, YoloConfig, YOLOv1, count_params_flops, layer_flops,
                    space_to_depth_conv2d)
 from utils import (autocast_dtype, make_optimizer, prepare_for_inference, reuse_freed_memory,
                    start_host_read, to_channels_last)
@@ -1111,14 +1111,10 @@ def layer_profile(report: Report, section: str, model: torch.nn.Module, x: Tenso
     def post(name: str) -> Callable:
         def hook(m, inp, out):
             marks[name][-1].append(clock())
-            conv = m.conv if isinstance(m, ConvBlock) else m
-            if isinstance(conv, torch.nn.Conv2d):
-                k = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-                flops[name] = 2.0 * out.numel() * k
-            elif isinstance(conv, torch.nn.Linear):
-                flops[name] = 2.0 * out.numel() * conv.in_features
-            else:
-                flops[name] = 0.0
+            if name not in flops:       # the shapes never change: counted on the first pass
+                layer = m.conv if isinstance(m, ConvBlock) else m
+                flops[name] = float(layer_flops(layer, out)) if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) \
+                    else 0.0
         return hook
 
     handles = [h for n, m in layers for h in (m.register_forward_pre_hook(pre(n)), m.register_forward_hook(post(n)))]

@@ -564,11 +564,14 @@ class VOCDetection(Dataset):
         for path, ann in tqdm(self.items, desc="checking images", disable=not progress, leave=False):
             try:
                 warning = ""
-                if decode:   # read_image's own checks and messages first
+                if decode:   # read_image's own checks and messages first, on bytes read once
+                    data, *_ = read_encoded(path)
                     with stderr_of_c_libraries() as said:
-                        read_image(path)
+                        decode_encoded(data, path)
                     warning = " ".join(said[0].split())
-                W, H, orientation = image_header_size(torchvision_read(path), path, with_orientation=True)
+                else:
+                    data = torchvision_read(path)
+                W, H, orientation = image_header_size(data, path, with_orientation=True)
             except (DataError, OSError) as e:
                 problems.append((str(path), str(e).split(": ", 1)[-1] + "; image skipped"))
                 continue

@@ -208,8 +208,8 @@ def claim_out_dir(out_dir: str, name: str) -> Path:
     that does not exist, created atomically (two runs started together get different folders)."""
     if out_dir:
         path = Path(out_dir)
-        if not_a_folder(path):
-            raise ValueError(f"--out-dir {path}: {not_a_folder(path)} is a file, not a folder")
+        if blocker := not_a_folder(path):
+            raise ValueError(f"--out-dir {path}: {blocker} is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
         return path
     base = Path("runs/detect") / name

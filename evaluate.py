@@ -34,8 +34,8 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import (ShardSampler, cleanup_distributed, load_checkpoint, load_weights, not_a_folder, predict,
-                   prepare_for_inference, require_checkpoint, run_cli, setup_distributed)
+from utils import (ModelEMA, ShardSampler, cleanup_distributed, load_checkpoint, load_weights, not_a_folder,
+                   predict, prepare_for_inference, require_checkpoint, run_cli, setup_distributed)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -100,12 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # output paths that cannot be written are found now, not after the whole evaluation
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json} is a folder; give a file name")
-    if args.json and not_a_folder(Path(args.json).parent):
-        p.error(f"--json {args.json}: {not_a_folder(Path(args.json).parent)} is a file, not a folder")
-    if args.save_results and not_a_folder(Path(args.save_results)):
-        p.error(f"--save-results {args.save_results}: {not_a_folder(Path(args.save_results))} is a file, not a folder")
+    for flag, value, folder in (("--json", args.json, Path(args.json).parent),
+                                ("--save-results", args.save_results, Path(args.save_results))):
+        if value and (blocker := not_a_folder(folder)):
+            p.error(f"{flag} {value}: {blocker} is a file, not a folder")
     return args
-
 
 
 def default_metric(image_set: str) -> str:
@@ -310,8 +309,8 @@ def load_model(path: str | Path, class_names: Sequence[str] | None = None, data:
         raise ValueError(f"checkpoint {path}: model_config has C={cfg.C} but class_names lists {len(saved)} classes")
     model = YOLOv1(cfg)
     ema = ckpt.get("ema")
-    if ema and not (isinstance(ema, dict) and "module" in ema):
-        raise ValueError(f"checkpoint {path}: its 'ema' entry is not a weight average's state (a dict with 'module')")
+    if ema:
+        ModelEMA.check_state(ema, path, ("module",))
     # the weight average when trained with one
     load_weights(model, ema["module"] if ema else ckpt["model"], path, "weight-average" if ema else "model")
     return model, cfg, ckpt

@@ -344,6 +344,14 @@ def load_backbone(model: nn.Module, state: dict[str, Tensor], source: str = "che
 
 
 @torch.no_grad()
+def layer_flops(layer: nn.Conv2d | nn.Linear, out: Tensor) -> int:
+    """FLOPs (a multiply-add counted as 2) of a conv or linear layer that produced ``out``, over the
+    whole batch; bias adds left out."""
+    if isinstance(layer, nn.Conv2d):
+        return 2 * out.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    return 2 * out.numel() * layer.in_features
+
+
 def count_params_flops(model: nn.Module, image_size: int) -> tuple[int, int]:
     """Parameter count and forward FLOPs for one ``image_size`` x ``image_size`` image.
 
@@ -355,11 +363,7 @@ def count_params_flops(model: nn.Module, image_size: int) -> tuple[int, int]:
 
     def hook(m: nn.Module, inp: tuple[Tensor], out: Tensor) -> None:
         nonlocal flops
-        if isinstance(m, nn.Conv2d):
-            k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-            flops += 2 * k * out.numel() // out.shape[0]
-        else:
-            flops += 2 * m.in_features * m.out_features
+        flops += layer_flops(m, out) // out.shape[0]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training

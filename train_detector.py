@@ -578,10 +578,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if is_main:
                     print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
                           f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto --out-dir {out_dir})")
-                if writer:
-                    writer.close()
                 cleanup_distributed()
-                sys.exit(stopper.exit_code)
+                sys.exit(stopper.exit_code)     # the writer is closed on the way out (except BaseException)
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = new_epoch_meter()
             if writer:

@@ -573,12 +573,18 @@ class ModelEMA:
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "ramp": self.ramp}
 
+    @staticmethod
+    def check_state(state, source: str | os.PathLike, keys: tuple[str, ...] = ("module", "updates")) -> None:
+        """``ValueError`` naming ``source`` unless ``state`` (a checkpoint's 'ema' entry) is a dict
+        holding ``keys`` (to load only the averaged weights, ``("module",)`` is enough)."""
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError(f"checkpoint {source}: its 'ema' entry is not a weight average's state "
+                             f"(a dict with {' and '.join(repr(k) for k in keys)})")
+
     def load_state_dict(self, state: dict, source: str | os.PathLike = "checkpoint") -> None:
         """The inverse of :meth:`state_dict`; a state that does not fit is one ``ValueError``
         naming ``source`` (the checkpoint file)."""
-        if not isinstance(state, dict) or "module" not in state or "updates" not in state:
-            raise ValueError(f"checkpoint {source}: its 'ema' entry is not a weight average's state "
-                             "(a dict with 'module' and 'updates')")
+        self.check_state(state, source)
         load_weights(self.module, state["module"], source, "weight-average")
         self._updates.fill_(int(state["updates"]))
 

@@ -13,7 +13,6 @@ import torch
 
 import bench
 from dataset import VOCDetection, read_image
-from model import YoloConfig, YOLOv1
 
 ROOT = Path(__file__).resolve().parents[1]
 
