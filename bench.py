@@ -76,8 +76,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_skip_none, color_normalize, encode_target, \
-    read_image
+from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, collate_skip_none, color_normalize,
+                     encode_target, read_image)
 from model import (SPACE_TO_DEPTH_DEVICES, Classifier, YoloConfig, YOLOv1, count_params_flops, layer_flops,
                    space_to_depth_conv2d)
 from utils import (autocast_dtype, make_optimizer, prepare_for_inference, reuse_freed_memory,
@@ -585,12 +585,15 @@ def _loader_note(cfg: BenchConfig, device: torch.device) -> str:
 
 
 def _loader_rate(step: Callable, dataset, batch: int, cfg: BenchConfig, device: torch.device, seed: int,
-                 collate: Callable = collate_skip_none) -> float:
+                 collate: Callable = collate_skip_none, finish: Callable | None = None) -> float:
     """Images/s of ``step`` fed by a fresh loader, timed once the batches the workers prefetched
-    while starting are used up (else the number would be the step's rate, not the pipeline's)."""
+    while starting are used up (else the number would be the step's rate, not the pipeline's).
+    ``finish``: each batch goes through ``dataset.batches_on_device(loader, finish, device)`` first,
+    as the training scripts' ``--gpu-decode`` does."""
     warmup = cfg.warmup_steps + (cfg.workers * PREFETCH if device.type == "cuda" else 0)
     loader = _loader(dataset, batch, warmup + cfg.loader_steps, cfg.workers, device, seed, collate)
-    return _time_steps(step, iter(loader), warmup, cfg.loader_steps, batch, device)
+    batches = iter(loader) if finish is None else batches_on_device(loader, finish, device)
+    return _time_steps(step, batches, warmup, cfg.loader_steps, batch, device)
 
 
 def _optimizer(model: torch.nn.Module, recipe: dict, device: torch.device) -> torch.optim.Optimizer:
@@ -901,12 +904,11 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
         ds = (detector_dataset(ws, cfg.det_size, decode_on_device=True) if name == "detector"
               else classifier_dataset(ws, cfg.cls_size, decode_on_device=True))
         note = f"{note}; {decoder}: decode + warp on the device; {_loader_note(cfg, device)}"
-        rate = _loader_rate(lambda *b: step(*ds.finish_on_device(list(b), device)), ds, batch, cfg, device, seed=3,
-                            collate=collate_encoded)
+        rate = _loader_rate(step, ds, batch, cfg, device, seed=3, collate=collate_encoded, finish=ds.finish_on_device)
         _report_training(report, "train", name, f"end to end, --gpu-decode ({cfg.workers} workers)", rate, flops,
                          peak, note, f"train_{name}_e2e_gpu_decode")
-        rate = _loader_rate(lambda *b: ds.finish_on_device(list(b), device), ds, batch, cfg, device, seed=4,
-                            collate=collate_encoded)
+        rate = _loader_rate(lambda *b: None, ds, batch, cfg, device, seed=4, collate=collate_encoded,
+                            finish=ds.finish_on_device)
         report.add("train", f"{name} data alone, --gpu-decode ({cfg.workers} workers)", rate, "img/s", note,
                    key=f"loader_{name}_gpu_decode_images_per_s")
 

@@ -18,7 +18,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -720,6 +720,34 @@ def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], s
     return [stack_images(images), *fields]
 
 
+def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], Any],
+                      device: torch.device) -> Iterator:
+    """``finish(batch, device)`` for each of ``batches`` in order (``finish``: a dataset's
+    ``finish_on_device``, for ``--gpu-decode``). On a GPU the finishing runs on a CUDA stream of its
+    own: torchvision's JPEG decode holds the host until its images are done, and on the caller's
+    stream it would first have to wait for the step queued for the previous batch
+    (:func:`_decode_jpegs`), so the GPU would sit idle while the host decodes. On the side stream the
+    decode waits only for the earlier batches' decoding, and the GPU goes on with the step meanwhile.
+    Each batch is handed over safely: the caller's stream waits for the side stream's work on it, and
+    its device tensors are marked as used by the caller's stream (``record_stream``), so that their
+    memory goes back to the side stream only once the caller's work on them is done."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield finish(batch, device)
+        return
+    side = torch.cuda.Stream(device)
+    for batch in batches:
+        with torch.cuda.stream(side):
+            out = finish(batch, device)
+        caller = torch.cuda.current_stream(device)
+        caller.wait_stream(side)
+        for t in out or ():
+            if isinstance(t, Tensor) and t.is_cuda:
+                t.record_stream(caller)
+        yield out
+        out = None      # the caller's references alone keep the batch: freed as soon as it drops it
+
+
 def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) -> list[Tensor | None]:
     """``datas`` (the files ``paths``) decoded to RGB on ``device``, all in one call; if that call
     fails, one by one, and an image the device's decoder refuses (a CMYK JPEG for nvJPEG, if it
@@ -739,8 +767,9 @@ def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) 
     sizes = [image_header_size(data, path) for data, path in zip(datas, paths)]   # host work before the wait
     if device.type == "cuda":
         # nvJPEG writes its outputs from its own stream without waiting for the work queued on ours, into
-        # blocks the caching allocator may just have recycled from that work (the previous step's batch,
-        # say): wait for it first (pytorch/vision#9606; torchcodec added the same barrier, #1634)
+        # blocks the caching allocator may just have recycled from that work (the previous batch's warp,
+        # say): wait for it first (pytorch/vision#9606; torchcodec added the same barrier, #1634). Under
+        # batches_on_device "ours" is its side stream, which holds no training step: the wait is short.
         torch.cuda.current_stream(device).synchronize()
     try:
         out = decode(datas)

@@ -41,7 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from dataset import MEAN, STD, collate_encoded, collate_skip_none, color_normalize
+from dataset import MEAN, STD, batches_on_device, collate_encoded, collate_skip_none, color_normalize
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
@@ -284,7 +284,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     meter = state["epoch_meter"]    # {"loss_sum", "correct", "images"} over the epoch's finite steps
     params = [p for p in model.parameters() if p.requires_grad]
     backup = [b.clone() for b in bn_buffers]
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
+    # --gpu-decode: the workers send JPEG bytes, decoded, cropped and resized on the device on a stream of its own
+    batches = batches_on_device(loader, loader.dataset.finish_on_device, device) if cfg.gpu_decode else loader
+    bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
 
@@ -313,8 +315,6 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
 
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
-        if cfg.gpu_decode:   # JPEG bytes from the workers: decoded, cropped and resized on the device
-            batch = loader.dataset.finish_on_device(batch, device)
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all of

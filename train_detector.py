@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset import MEAN, STD, VOC_CLASSES, VOCDetection, collate_encoded, collate_skip_none, color_normalize
+from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, collate_encoded, collate_skip_none,
+                     color_normalize)
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
@@ -293,7 +294,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     amp_dtype = autocast_dtype(device)
     meter = state["epoch_meter"]   # {"images", "total", "coord", ...}: sums over the epoch's finite steps
     per_proc = cfg.batch_size // (dist.get_world_size() if dist.is_initialized() else 1)
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
+    # --gpu-decode: the workers send JPEG bytes, decoded and warped on the device on a stream of its own
+    batches = batches_on_device(loader, loader.dataset.finish_on_device, device) if cfg.gpu_decode else loader
+    bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
                initial=state["step_in_epoch"], total=steps_per_epoch)
     t0, seen = time.perf_counter(), 0
 
@@ -324,8 +327,6 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
 
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
-        if cfg.gpu_decode:   # JPEG bytes from the workers: decoded and warped on the device
-            batch = loader.dataset.finish_on_device(batch, device)
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
         # all-reduce). A process left with no image makes every process skip the step (DDP needs all

@@ -425,6 +425,34 @@ def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path
     assert per_image.max() < 8.0, per_image                    # the grayscale JPEG too
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA streams need a GPU"))])
+def test_batches_on_device_hands_over_each_batch_intact(tree: Path, device: str) -> None:
+    # On a GPU the batches are finished on a side stream. The caller's stream must wait for each
+    # batch, and a batch's memory must not go back to the side stream while the caller's work on it is
+    # still queued: here every copy of a batch is queued behind a long chain of matrix products and the
+    # batch is dropped at once, while the next batch is decoded (into that memory, were it recycled).
+    from torch.utils.data import DataLoader
+    from dataset import batches_on_device, collate_encoded
+    dev = torch.device(device)
+    ds = load_imagenet(tree, 64, seed=5, decode_on_device=True).train
+    loader = DataLoader(ds, batch_size=6, collate_fn=collate_encoded, num_workers=2, pin_memory=dev.type == "cuda")
+    ref = [ds.finish_on_device(b, dev) for b in loader]          # on the caller's own stream, one by one
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    busy = torch.randn(2048, 2048, device=dev) / 64
+    copies, labels = [], []
+    for batch in batches_on_device(loader, ds.finish_on_device, dev):
+        for _ in range(30 if dev.type == "cuda" else 1):
+            busy = torch.tanh(busy @ busy)                      # ~ms of work queued ahead of the copy
+        copies.append(batch[0].clone())
+        labels.append(batch[1])
+        del batch
+    assert len(copies) == len(ref) == -(-len(ds) // 6)
+    for got, want, label in zip(copies, ref, labels):
+        assert got.device.type == dev.type and torch.equal(got, want[0]) and torch.equal(label, want[1])
+
+
 def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:
     root = tmp_path / "r"
     shutil.copytree(tree, root)
