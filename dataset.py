@@ -479,8 +479,9 @@ class VOCDetection(Dataset):
     An unreadable image yields ``None`` (named in a warning); :func:`collate_skip_none` drops it.
 
     ``decode_on_device=True`` (``train_detector.py --gpu-decode``): for a JPEG the item's image is
-    its file's bytes, its augmentation drawn from the header's size, and ``info`` has five more
-    columns ``(left, top, w, h, flip)``, the window :func:`warp_image` crops; the collation is
+    ``(its file's bytes, height, width)``, its augmentation drawn from the header's size, and
+    ``info`` has five more columns ``(left, top, w, h, flip)``, the window :func:`warp_image`
+    crops; the collation is
     :func:`collate_encoded`, and :meth:`finish_on_device` decodes and warps the batch on the GPU.
     Other images (:func:`is_device_jpeg`: PNGs, CMYK JPEGs ...) are decoded and warped in the
     worker as usual (their ``flip`` column 0).
@@ -603,6 +604,8 @@ class VOCDetection(Dataset):
                     data, W, H, device_jpeg = read_encoded(path)
                     if not device_jpeg:
                         image, data = decode_encoded(data, path), None     # PNG, CMYK ...: decoded here
+                    else:
+                        data = (data, H, W)                                 # collate_encoded's form
                 else:
                     image = read_image(path)
             except DataError as e:
@@ -664,20 +667,24 @@ _DEVICE_DECODER_REFUSED: list[Path] = []     # the first image the device's JPEG
 
 def collate_encoded(batch: list):
     """The collation for datasets with ``decode_on_device=True`` (``--gpu-decode``), whose items'
-    first field is a JPEG's bytes or, for other formats, the image the worker decoded and warped:
-    the ``None`` of unreadable images dropped; the bytes concatenated into one tensor (one piece of
-    shared memory per batch for the worker to hand over and to pin, not one per image) with
-    ``offsets`` such that image ``i``'s bytes are ``data[offsets[i]:offsets[i + 1]]`` (none for an
-    image decoded in the worker: those come in order in ``decoded``); the other fields batched as
-    usual. Returns ``[(data, offsets, decoded), *fields]``, or ``None`` when no image is left."""
+    first field is ``(bytes, height, width)`` for a JPEG (the size from its header, which the worker
+    read) or, for other formats, the image the worker decoded and warped: the ``None`` of unreadable
+    images dropped; the bytes concatenated into one tensor (one piece of shared memory per batch for
+    the worker to hand over and to pin, not one per image) with ``offsets`` such that image ``i``'s
+    bytes are ``data[offsets[i]:offsets[i + 1]]`` and ``sizes[i]`` its ``(height, width)`` (none and
+    ``(0, 0)`` for an image decoded in the worker: those come in order in ``decoded``); the other
+    fields batched as usual. Returns ``[(data, offsets, sizes, decoded), *fields]``, or ``None`` when
+    no image is left."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return None
     images, *rest = zip(*batch)
-    jpegs = [x if x.dim() == 1 else x.new_empty(0) for x in images]
-    offsets = torch.tensor([0] + [len(x) for x in jpegs]).cumsum(0)
-    decoded = [x for x in images if x.dim() == 3]
-    return [(torch.cat(jpegs), offsets, decoded), *(torch.utils.data.default_collate(list(f)) for f in rest)]
+    encoded = [x if isinstance(x, tuple) else (x.new_empty(0), 0, 0) for x in images]
+    offsets = torch.tensor([0] + [len(data) for data, _, _ in encoded]).cumsum(0)
+    sizes = torch.tensor([[h, w] for _, h, w in encoded], dtype=torch.int64)
+    decoded = [x for x in images if not isinstance(x, tuple)]
+    return [(torch.cat([data for data, _, _ in encoded]), offsets, sizes, decoded),
+            *(torch.utils.data.default_collate(list(f)) for f in rest)]
 
 
 def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], size: int, fill: Sequence[int],
@@ -694,14 +701,14 @@ def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], s
     decoder and its float resize round a little differently."""
     if batch is None:
         return None
-    (data, offsets, worker_decoded), *fields = batch
+    (data, offsets, sizes, worker_decoded), *fields = batch
     rows = fields[-1].tolist()          # info: index first, (left, top, w, h, flip) last
-    bounds = offsets.tolist()
+    bounds, hw = offsets.tolist(), sizes.tolist()
     others = iter(worker_decoded)
     items = [data[a:b] if b > a else next(others) for a, b in zip(bounds[:-1], bounds[1:])]
     jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
     decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [path_of(int(rows[i][0])) for i in jpegs],
-                                            device)))
+                                            [tuple(hw[i]) for i in jpegs], device)))
     images, keep = [], []
     for i, x in enumerate(items):
         if x.dim() == 3:                # decoded and warped in the worker
@@ -748,12 +755,13 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], A
         out = None      # the caller's references alone keep the batch: freed as soon as it drops it
 
 
-def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) -> list[Tensor | None]:
+def _decode_jpegs(datas: list[Tensor], paths: list[Path], sizes: list[tuple[int, int]],
+                  device: torch.device) -> list[Tensor | None]:
     """``datas`` (the files ``paths``) decoded to RGB on ``device``, all in one call; if that call
     fails, one by one, and an image the device's decoder refuses (a CMYK JPEG for nvJPEG, if it
     does) by :func:`decode_encoded` on the CPU. ``None`` for an image nothing decodes, or whose
-    size is not its header's (the worker drew its window from the header), with a warning naming
-    the file."""
+    size is not ``sizes``' ``(height, width)``, its header's (the worker drew its window from the
+    header), with a warning naming the file."""
     from torchvision.io import decode_jpeg
 
     def decode(data):
@@ -764,7 +772,6 @@ def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) 
 
     if not datas:
         return []
-    sizes = [image_header_size(data, path) for data, path in zip(datas, paths)]   # host work before the wait
     if device.type == "cuda":
         # nvJPEG writes its outputs from its own stream without waiting for the work queued on ours, into
         # blocks the caching allocator may just have recycled from that work (the previous batch's warp,
@@ -790,7 +797,7 @@ def _decode_jpegs(datas: list[Tensor], paths: list[Path], device: torch.device) 
                     reason = str(refused).splitlines()[0][:200]
                     warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
                                   "CPU, as any other image it refuses will be (said once)")
-    for k, (image, (w, h), path) in enumerate(zip(out, sizes, paths)):
+    for k, (image, (h, w), path) in enumerate(zip(out, sizes, paths)):
         if image is not None and tuple(image.shape[-2:]) != (h, w):
             warnings.warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
                           f"{w}x{h}")

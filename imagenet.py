@@ -372,8 +372,8 @@ class ImageNetClassification(Dataset):
     saturation)``. ``train=False``: :func:`eval_transform`.
 
     ``decode_on_device=True`` (training only; ``pretrainer.py --gpu-decode``): for a colour or
-    grayscale JPEG the item's image is its file's bytes, its crop and flip drawn from the header's
-    size, and ``info`` has five more columns ``(left, top, w, h, flip)``; the collation is
+    grayscale JPEG the item's image is ``(its file's bytes, height, width)``, its crop and flip drawn
+    from the header's size, and ``info`` has five more columns ``(left, top, w, h, flip)``; the collation is
     :func:`dataset.collate_encoded`, and :meth:`finish_on_device` decodes, crops, resizes and flips
     the batch on the GPU. Other images are decoded and warped in the worker (their ``flip`` 0).
     An unreadable image yields ``None`` and a warning naming it; :func:`dataset.collate_skip_none`
@@ -435,8 +435,8 @@ class ImageNetClassification(Dataset):
                 data, width, height, device_jpeg = read_encoded(path)
                 if device_jpeg:
                     top, left, h, w, flip, exposure, saturation = self._draw(height, width, rng)
-                    return data, label, torch.tensor([index, exposure, saturation, left, top, w, h, flip],
-                                                     dtype=torch.float64)
+                    return (data, height, width), label, torch.tensor([index, exposure, saturation, left, top, w, h,
+                                                                       flip], dtype=torch.float64)
                 image = decode_encoded(data, path)     # PNG, CMYK ...: decoded here, as without the option
             else:
                 image = read_image(path)

@@ -187,7 +187,7 @@ def test_gpu_decode_batch_is_the_workers_batch(bad_tree):
                 items = [ds[i] for i in range(len(ds))]
                 if name == "device":
                     raw = collate_encoded(items)
-                    assert len(raw[0][2]) == 3                      # alpha_png, png2 and cmyk, in the worker
+                    assert len(raw[0][3]) == 3                      # alpha_png, png2 and cmyk, in the worker
                 batch = on_device.finish_on_device(raw, cpu) if name == "device" else collate_skip_none(items)
             caught[name] = sorted(str(w.message).split(": ")[1] for w in caught[name]
                                   if str(w.message).startswith("skipped: "))          # the files named

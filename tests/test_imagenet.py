@@ -363,8 +363,9 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
             raw = collate_encoded(items)
             # bytes for all but the 3 files refused before decoding and the 3 decoded in the worker (the
             # PNGs and the CMYK JPEG); the truncated JPEG goes as bytes and fails in the batch's decode
-            data, offsets, decoded = raw[0]
+            data, offsets, sizes, decoded = raw[0]
             assert int((offsets.diff() > 0).sum()) == len(plain) - 3 - 3 and len(decoded) == 3
+            assert torch.equal(offsets.diff() > 0, sizes.prod(1) > 0)      # a header size for each JPEG
             assert data.dtype == torch.uint8 and data.dim() == 1 and int(offsets[-1]) == len(data)
             got = on_device.finish_on_device(raw, cpu)
         skipped = {Path(str(w.message).split(": ")[1]).name for w in caught if str(w.message).startswith("skipped: ")}
@@ -375,16 +376,15 @@ def test_decode_on_device_batch_is_the_workers_batch(tree: Path, tmp_path: Path)
     assert on_device.finish_on_device(collate_encoded([None, None]), cpu) is None
 
 
-def test_decode_on_device_skips_an_image_whose_size_is_not_its_headers(tree: Path, monkeypatch) -> None:
+def test_decode_on_device_skips_an_image_whose_size_is_not_its_headers(tree: Path) -> None:
     # the worker drew the crop from the header's size: a decoded image of another size is skipped, named
-    import dataset
-    from dataset import collate_encoded
+    from dataset import collate_encoded, read_image
     on_device = load_imagenet(tree, 32, seed=1, decode_on_device=True).train
     batch = collate_encoded([on_device[i] for i in range(4)])
-    real = dataset.image_header_size
+    sizes = batch[0][2]                    # (height, width) of each image's header, as the workers read them
+    assert sizes.tolist() == [list(read_image(on_device.path(i)).shape[-2:]) for i in range(4)]
     liar = on_device.path(2)
-    monkeypatch.setattr(dataset, "image_header_size",
-                        lambda data, path, *a: (7, 5) if path == liar else real(data, path, *a))
+    sizes[2] = torch.tensor([5, 7])        # as if its header had said 7x5
     with pytest.warns(UserWarning, match=f"skipped: {liar}: decoded to .* pixels, its header says 7x5"):
         images, labels, info = on_device.finish_on_device(batch, torch.device("cpu"))
     assert images.shape[0] == 3 and info[:, 0].tolist() == [0, 1, 3]
