@@ -721,38 +721,57 @@ def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], s
         keep.append(i)
     if not images:
         return None
-    if len(keep) < len(items):     # (indexing makes new, unpinned tensors: only when an image was dropped)
-        keep_t = torch.tensor(keep)
-        fields = [f[keep_t] for f in fields]
+    if len(keep) < len(items):     # only when an image was dropped: indexing makes new tensors,
+        keep_t = torch.tensor(keep)    # pinned again for the step's non-blocking copies
+        fields = [f[keep_t].pin_memory() if f.is_pinned() else f[keep_t] for f in fields]
     return [stack_images(images), *fields]
 
 
-def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], Any],
-                      device: torch.device) -> Iterator:
+def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], list | None],
+                      device: torch.device) -> Iterator[list | None]:
     """``finish(batch, device)`` for each of ``batches`` in order (``finish``: a dataset's
-    ``finish_on_device``, for ``--gpu-decode``). On a GPU the finishing runs on a CUDA stream of its
-    own: torchvision's JPEG decode holds the host until its images are done, and on the caller's
-    stream it would first have to wait for the step queued for the previous batch
-    (:func:`_decode_jpegs`), so the GPU would sit idle while the host decodes. On the side stream the
-    decode waits only for the earlier batches' decoding, and the GPU goes on with the step meanwhile.
-    Each batch is handed over safely: the caller's stream waits for the side stream's work on it, and
-    its device tensors are marked as used by the caller's stream (``record_stream``), so that their
-    memory goes back to the side stream only once the caller's work on them is done."""
+    ``finish_on_device``, for ``--gpu-decode``; it returns a list of tensors, or ``None``). On a GPU
+    the finishing runs on a CUDA stream of its own (:func:`_side_stream`): torchvision's JPEG decode
+    holds the host until its images are done, and on the caller's stream it would first have to
+    wait for the step queued for the previous batch (:func:`_decode_jpegs`), so the GPU would sit
+    idle while the host decodes. On the side stream the decode waits only for the earlier batches'
+    decoding, and the GPU goes on with the step meanwhile.
+
+    Each batch is handed over safely to the stream that is current when the caller asks for it (the
+    training step's): that stream waits for the side stream's work on the batch, and the batch's
+    device tensors are marked as used by it (``record_stream``), so that their memory goes back to
+    the side stream only once the caller's work on them is done."""
+    device = torch.device(device)
     if device.type != "cuda":
         for batch in batches:
             yield finish(batch, device)
         return
-    side = torch.cuda.Stream(device)
+    side = _side_stream(device)
     for batch in batches:
         with torch.cuda.stream(side):
             out = finish(batch, device)
         caller = torch.cuda.current_stream(device)
         caller.wait_stream(side)
-        for t in out or ():
-            if isinstance(t, Tensor) and t.is_cuda:
-                t.record_stream(caller)
+        _record_stream(out, caller)
         yield out
-        out = None      # the caller's references alone keep the batch: freed as soon as it drops it
+        out = None      # from here the caller's references alone keep the batch (freed when it drops it)
+
+
+def _record_stream(batch: list | None, stream: "torch.cuda.Stream") -> None:
+    """Mark the batch's device tensors as used by ``stream`` (its memory is then reused only once
+    the work queued on ``stream`` before the batch is freed has run)."""
+    for t in batch or ():
+        if isinstance(t, Tensor) and t.is_cuda:
+            t.record_stream(stream)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The stream :func:`batches_on_device` finishes batches on, one per device for the process: a
+    new one per epoch would strand the memory cached for the last one, and would come round-robin
+    from the pool that NCCL takes its stream from (and, sharing it, wait for the all-reduce). High
+    priority: a separate pool, and the small warp kernels go first."""
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def _decode_jpegs(datas: list[Tensor], paths: list[Path], sizes: list[tuple[int, int]],

@@ -448,7 +448,7 @@ def reuse_freed_memory() -> bool:
     fresh ``mmap`` pages and unmaps it when freed, so every training step page-faults its
     activations in again. On the 2-core dev CPU this made the demo's colour augmentation of a
     16x3x224x224 batch take 11.2 ms instead of 3.9, and the demo training ran at 208 images/s
-    instead of 228 (README, Performance). The price: the process keeps its peak heap."""
+    instead of 228 (docs/MEASUREMENTS.md). The price: the process keeps its peak heap."""
     try:
         mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     except (OSError, TypeError):     # no C library handle (e.g. Windows)

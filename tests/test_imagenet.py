@@ -425,32 +425,109 @@ def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path
     assert per_image.max() < 8.0, per_image                    # the grayscale JPEG too
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA streams need a GPU"))])
-def test_batches_on_device_hands_over_each_batch_intact(tree: Path, device: str) -> None:
-    # On a GPU the batches are finished on a side stream. The caller's stream must wait for each
-    # batch, and a batch's memory must not go back to the side stream while the caller's work on it is
-    # still queued: here every copy of a batch is queued behind a long chain of matrix products and the
-    # batch is dropped at once, while the next batch is decoded (into that memory, were it recycled).
+def test_batches_on_device_hands_each_batch_over_to_the_callers_stream(monkeypatch) -> None:
+    # The protocol, with stand-ins for CUDA's streams (no GPU needed): each batch is finished on the
+    # side stream, and before the caller gets it the caller's stream waits for the side stream and
+    # every device tensor of the batch is marked as used by the caller's stream. Without the wait the
+    # step could read a batch not yet written; without record_stream its memory could be handed to
+    # the next batch's decode while the step still reads it.
+    import contextlib
+    import dataset
+    log: list[tuple] = []
+
+    class Stream:
+        def __init__(self, name: str):
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            log.append(("wait", self.name, other.name))
+
+    class DeviceTensor(torch.Tensor):
+        is_cuda = True
+
+        def record_stream(self, stream: Stream) -> None:
+            log.append(("record", stream.name))
+
+    current = [Stream("caller")]
+
+    @contextlib.contextmanager
+    def on(stream: Stream):
+        saved, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(dataset, "_side_stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+
+    def finish(batch, device):
+        log.append(("finish on", current[0].name))
+        return None if batch is None else [torch.zeros(2).as_subclass(DeviceTensor), torch.zeros(1)]
+
+    for k, out in enumerate(dataset.batches_on_device([0, None, 2], finish, torch.device("cuda"))):
+        log.append(("caller gets", k))
+    handed = [("finish on", "side"), ("wait", "caller", "side"), ("record", "caller")]
+    assert log == [*handed, ("caller gets", 0), *handed[:2], ("caller gets", 1), *handed, ("caller gets", 2)]
+
+
+def _loader_and_reference(tree: Path, device: torch.device):
     from torch.utils.data import DataLoader
-    from dataset import batches_on_device, collate_encoded
-    dev = torch.device(device)
+    from dataset import collate_encoded
     ds = load_imagenet(tree, 64, seed=5, decode_on_device=True).train
-    loader = DataLoader(ds, batch_size=6, collate_fn=collate_encoded, num_workers=2, pin_memory=dev.type == "cuda")
-    ref = [ds.finish_on_device(b, dev) for b in loader]          # on the caller's own stream, one by one
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    busy = torch.randn(2048, 2048, device=dev) / 64
-    copies, labels = [], []
-    for batch in batches_on_device(loader, ds.finish_on_device, dev):
-        for _ in range(30 if dev.type == "cuda" else 1):
-            busy = torch.tanh(busy @ busy)                      # ~ms of work queued ahead of the copy
+    loader = DataLoader(ds, batch_size=6, collate_fn=collate_encoded, num_workers=2, pin_memory=device.type == "cuda")
+    return ds, loader, [ds.finish_on_device(b, device) for b in loader]     # on the caller's stream, one by one
+
+
+def test_batches_on_device_gives_the_batches_finish_on_device_gives(tree: Path) -> None:
+    from dataset import batches_on_device
+    cpu = torch.device("cpu")
+    ds, loader, ref = _loader_and_reference(tree, cpu)
+    got = list(batches_on_device(loader, ds.finish_on_device, cpu))
+    assert len(got) == len(ref) == -(-len(ds) // 6)
+    for g, want in zip(got, ref):
+        assert all(torch.equal(a, b) for a, b in zip(g, want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU")
+def test_batches_on_device_on_cuda_waits_for_each_batch_and_keeps_its_memory(tree: Path) -> None:
+    # 1. Each batch is written on the side stream ~100 ms after its finish returns, and the caller
+    #    copies it at once: without the caller's wait for the side stream the copies read zeros.
+    # 2. The caller's copy of each batch waits ~100 ms on its stream while the caller drops the batch
+    #    and the next finish scribbles over a fresh block of the same size at once: without
+    #    record_stream that block would be the dropped batch's memory, and the copy would read 255s.
+    from dataset import batches_on_device
+    dev = torch.device("cuda", torch.cuda.current_device())
+    ds, loader, ref = _loader_and_reference(tree, dev)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    sleep_100ms = int(10_000_000 * 100 / start.elapsed_time(end))
+
+    def late(batch, device):
+        out = ds.finish_on_device(batch, device)
+        image = torch.zeros_like(out[0])
+        torch.cuda._sleep(sleep_100ms)
+        image.copy_(out[0])
+        return [image, *out[1:]]
+    early = [b[0].clone() for b in batches_on_device(loader, late, dev)]
+
+    def scribbling(batch, device):
+        torch.full((6 * 3 * 64 * 64,), 255, dtype=torch.uint8, device=device)    # freed at once: a fresh block
+        return ds.finish_on_device(batch, device)
+    copies = []
+    for batch in batches_on_device(loader, scribbling, dev):
+        torch.cuda._sleep(sleep_100ms)
         copies.append(batch[0].clone())
-        labels.append(batch[1])
         del batch
-    assert len(copies) == len(ref) == -(-len(ds) // 6)
-    for got, want, label in zip(copies, ref, labels):
-        assert got.device.type == dev.type and torch.equal(got, want[0]) and torch.equal(label, want[1])
+    torch.cuda.synchronize()
+    assert len(early) == len(copies) == len(ref)
+    for a, c, want in zip(early, copies, ref):
+        assert torch.equal(a, want[0]) and torch.equal(c, want[0])
 
 
 def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:
