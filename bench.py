@@ -80,8 +80,8 @@ from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, co
                      encode_target, read_image)
 from model import (SPACE_TO_DEPTH_DEVICES, Classifier, YoloConfig, YOLOv1, count_params_flops, layer_flops,
                    space_to_depth_conv2d)
-from utils import (autocast_dtype, make_optimizer, prepare_for_inference, reuse_freed_memory,
-                   start_host_read, to_channels_last)
+from utils import (autocast_dtype, finite_float, make_optimizer, not_a_folder, parse_device, prepare_for_inference,
+                   reuse_freed_memory, run_cli, start_host_read, to_channels_last)
 
 SECTIONS: tuple[str, ...] = ("pipeline", "peak", "train", "demo", "infer", "eval", "compile")
 VOC_SIZES: tuple[tuple[int, int], ...] = ((500, 375), (375, 500), (500, 333), (500, 400))   # (W, H), VOC's common shapes
@@ -1209,12 +1209,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--det-batch", type=int, default=0, help="detector training batch (default: 64 on a GPU, 4 on a CPU)")
     p.add_argument("--cls-batch", type=int, default=0, help="classifier training batch (default: 64 on a GPU, the "
                    "pretraining recipe's; 8 on a CPU)")
-    p.add_argument("--width", type=float, default=0.0, help="channel width of both networks (default: 1.0 on a GPU, "
+    p.add_argument("--width", type=finite_float, default=0.0,
+                   help="channel width of both networks (default: 1.0 on a GPU, "
                    "the paper's; on a CPU 0.125 for the detector, 0.25 for the classifier)")
     p.add_argument("--steps", type=int, default=0, help="timed training steps per on-device row (default: 20 on a GPU, 3 on a CPU)")
     p.add_argument("--no-amp", action="store_true", help="fp32 training on CUDA (default: bf16 autocast on CUDA, fp32 on a CPU)")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW memory format on CUDA (default: channels_last on CUDA)")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds after which remaining parts are skipped "
+    p.add_argument("--time-budget", type=finite_float, default=0.0,
+                   help="seconds after which remaining parts are skipped "
                    "(default: 420 on a GPU, none on a CPU)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -1222,6 +1224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--only: unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     args.sections = only or [s for s in SECTIONS if s != "compile" or args.compile]
+    if args.json and (Path(args.json).is_dir() or (blocker := not_a_folder(Path(args.json).parent))):
+        p.error(f"--json {args.json}: {'a folder' if Path(args.json).is_dir() else f'{blocker} is a file'}")
     return args
 
 
@@ -1229,11 +1233,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.smoke:
         args.device = "cpu"
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = parse_device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("bench.py: --device cuda was asked for but CUDA is not available")
+            raise ValueError(f"--device {args.device} was asked for but CUDA is not available")
         torch.cuda.set_device(device.index or 0)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1292,4 +1295,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

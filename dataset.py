@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from voc_eval import GroundTruth
+from voc_eval import GroundTruth, read_text
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -155,7 +155,7 @@ def image_set_ids(root: Path, image_set: str, report: list[tuple[str, str]]):
         list_file = voc / "ImageSets" / "Main" / f"{split}.txt"
         if not list_file.is_file():
             raise DataError(f"image set file {list_file} does not exist (is --data-root right?)")
-        for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+        for line_no, line in enumerate(read_text(list_file).splitlines(), 1):
             image_id = line.split()[0] if line.strip() else ""      # per-class lists add a label after the id
             if not image_id:
                 continue

@@ -36,7 +36,8 @@ from tqdm import tqdm
 import draw
 from dataset import MEAN, STD, DataError, color_normalize, read_image, stack_images, warp_image
 from model import YoloConfig, YOLOv1
-from utils import autocast_dtype, decode_predictions, not_a_folder, parse_device, prepare_for_inference, run_cli
+from utils import (autocast_dtype, decode_predictions, finite_float, not_a_folder, parse_device,
+                   prepare_for_inference, run_cli)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")   # what torchvision.io decodes
 
@@ -49,10 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "appended when it exists)")
     p.add_argument("--name", default="", help="name of the default output folder (default: the checkpoint's "
                                               "folder name, e.g. 'demo' for runs/detector/demo/best.pt)")
-    p.add_argument("--conf", type=float, default=0.25,
+    p.add_argument("--conf", type=finite_float, default=0.25,
                    help="keep detections whose class-specific score (confidence x class probability) is above "
                         "this (default: 0.25; evaluation uses 0.001)")
-    p.add_argument("--iou", type=float, default=0.5, help="per-class NMS IoU threshold (default: 0.5)")
+    p.add_argument("--iou", type=finite_float, default=0.5, help="per-class NMS IoU threshold (default: 0.5)")
     p.add_argument("--max-det", type=int, default=100, help="detections kept per image, best first (default: 100)")
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help="keep only these classes, by name or index (default: all)")
@@ -80,8 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size and --max-det must be >= 1, --workers >= 0")
     if not 0.0 <= args.conf < 1.0 or not 0.0 <= args.iou <= 1.0:
         p.error("--conf must be in [0, 1) and --iou in [0, 1]")
-    if args.grid and (args.grid_count < 1 or args.grid_cols < 1 or args.grid_cell < 16):
-        p.error("--grid-count and --grid-cols must be >= 1, --grid-cell >= 16")
+    if args.grid and (args.grid_count < 1 or args.grid_cols < 1 or not 16 <= args.grid_cell <= 4096):
+        p.error("--grid-count and --grid-cols must be >= 1, --grid-cell in 16..4096")
+    if args.grid and Path(args.grid).suffix.lower() not in (".jpg", ".jpeg", ".png"):
+        p.error(f"--grid {args.grid}: give a .jpg, .jpeg or .png file name")
+    if args.grid and (Path(args.grid).is_dir() or (blocker := not_a_folder(Path(args.grid).parent))):
+        p.error(f"--grid {args.grid}: {'a folder' if Path(args.grid).is_dir() else f'{blocker} is a file'}")
     return args
 
 
@@ -223,6 +228,19 @@ def claim_out_dir(out_dir: str, name: str) -> Path:
             path, k = base.with_name(f"{base.name}-{k}"), k + 1
 
 
+def refuse_to_overwrite_inputs(files: Sequence[Path], out_dir: str, grid: str) -> None:
+    """``ValueError`` when the outputs could land on an input image: an ``--out-dir`` that holds one
+    (the drawn copies take the inputs' names) or a ``--grid`` file that is one."""
+    if out_dir and Path(out_dir).is_dir():
+        folder = Path(out_dir).resolve()
+        inside = [f for f in files if f.resolve().parent in (folder, folder / "labels")]
+        if inside:
+            raise ValueError(f"--out-dir {out_dir} holds input images (e.g. {inside[0]}): the drawn images would "
+                             "overwrite them; give another folder")
+    if grid and Path(grid).exists() and any(f.resolve() == Path(grid).resolve() for f in files):
+        raise ValueError(f"--grid {grid} is one of the input images: refusing to overwrite it")
+
+
 def output_name(path: Path, used: set[str]) -> str:
     """File name of a drawn image: the source's stem with .png kept for PNG and .jpg otherwise,
     ``-2``, ``-3`` ... appended when two sources share a stem (``a.jpg`` and ``a.png`` too: the
@@ -263,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = prepare_for_inference(model, device, args.channels_last, args.amp, args.batch_size if args.compile else 0)
     classes = parse_classes(args.classes, class_names)
     name = args.name or Path(args.checkpoint).resolve().parent.name or "exp"
+    refuse_to_overwrite_inputs(files, args.out_dir, args.grid)
     out_dir = claim_out_dir(args.out_dir, name)
     if args.save_txt:
         (out_dir / "labels").mkdir(exist_ok=True)

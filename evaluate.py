@@ -34,8 +34,8 @@ import dataset
 from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, image_set_ids, parse_image_set, \
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
-from utils import (ModelEMA, ShardSampler, cleanup_distributed, load_checkpoint, load_weights, not_a_folder,
-                   predict, prepare_for_inference, require_checkpoint, run_cli, setup_distributed)
+from utils import (ModelEMA, ShardSampler, cleanup_distributed, finite_float, load_checkpoint, load_weights,
+                   not_a_folder, predict, prepare_for_inference, require_checkpoint, run_cli, setup_distributed)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -63,11 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metric", choices=["auto", "voc07", "area"], default="auto",
                    help="voc07 = VOC2007 11-point AP, area = VOC2010+ area under the precision envelope; "
                         "auto = voc07 for 2007-2009 sets, area for 2010+ (default: auto)")
-    p.add_argument("--iou-threshold", type=float, default=0.5,
+    p.add_argument("--iou-threshold", type=finite_float, default=0.5,
                    help="IoU a detection needs (strictly more) to match a ground-truth box (default: 0.5)")
-    p.add_argument("--conf-threshold", type=float, default=0.001,
+    p.add_argument("--conf-threshold", type=finite_float, default=0.001,
                    help="detections scoring at most this are dropped (darknet's VOC validation) (default: 0.001)")
-    p.add_argument("--nms-iou", type=float, default=0.5, help="per-class NMS IoU threshold (default: 0.5)")
+    p.add_argument("--nms-iou", type=finite_float, default=0.5, help="per-class NMS IoU threshold (default: 0.5)")
     p.add_argument("--max-det", type=int, default=300,
                    help="detections kept per image, best first, as in training; 0 = no cap, as darknet (default: 300)")
     p.add_argument("--save-results", default="", help="also write the detections as VOC result files into this folder")
@@ -100,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # output paths that cannot be written are found now, not after the whole evaluation
     if args.json and Path(args.json).is_dir():
         p.error(f"--json {args.json} is a folder; give a file name")
+    if args.json and Path(args.json).exists() and Path(args.json).suffix.lower() != ".json":
+        p.error(f"--json {args.json} exists and is not a .json file (the checkpoint?): refusing to overwrite it")
     for flag, value, folder in (("--json", args.json, Path(args.json).parent),
                                 ("--save-results", args.save_results, Path(args.save_results))):
         if value and (blocker := not_a_folder(folder)):
@@ -300,11 +302,7 @@ def load_model(path: str | Path, class_names: Sequence[str] | None = None, data:
         hint = f"; it was trained with --data {trained_on}" if trained_on and trained_on != data else ""
         raise ValueError(f"checkpoint {path} was trained on {len(saved)} classes {saved}, but --data {data} has "
                          f"{len(class_names)} classes {list(class_names)}{hint}")
-    try:
-        cfg = YoloConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {path}: model_config {ckpt['model_config']} is not a valid YoloConfig ({e})") \
-            from None
+    cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {path}")
     if cfg.C != len(saved):
         raise ValueError(f"checkpoint {path}: model_config has C={cfg.C} but class_names lists {len(saved)} classes")
     model = YOLOv1(cfg)
@@ -340,7 +338,9 @@ def write_json(path: str | Path, summary: dict[str, Any]) -> None:
     """Write a summary as strict JSON (NaN AP, for classes without ground truth, becomes null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_nan_to_none(summary), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_nan_to_none(summary), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)      # whole or not at all
 
 
 def check_results_dir(path: Path, class_names: Sequence[str], split: str, prefix: str) -> None:

@@ -33,9 +33,10 @@ from torch import Tensor
 
 from dataset import MEAN, STD
 from model import YoloConfig, YOLOv1
-from utils import run_cli
+from utils import finite_float, run_cli
 
 DEFAULT_OPSET = 17
+OPSETS = range(7, 21)     # what torch.onnx's TorchScript-based exporter writes (its ONNX_MIN_OPSET to its maximum)
 ATOL, RTOL = 1e-4, 1e-3   # float32 kernels of two runtimes differ in summation order, not more
 
 
@@ -44,12 +45,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="train_detector.py checkpoint (best.pt / last.pt)")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
     p.add_argument("--output", default="", help="output file (default: the checkpoint's path with .onnx)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {OPSETS[0]} to {OPSETS[-1]} (default: {DEFAULT_OPSET})")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the onnxruntime comparison with PyTorch")
-    p.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance of the check (default: {ATOL})")
-    p.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance of the check (default: {RTOL})")
-    return p.parse_args(argv)
+    p.add_argument("--atol", type=finite_float, default=ATOL, help=f"absolute tolerance of the check (default: {ATOL})")
+    p.add_argument("--rtol", type=finite_float, default=RTOL, help=f"relative tolerance of the check (default: {RTOL})")
+    args = p.parse_args(argv)
+    if args.opset not in OPSETS:
+        p.error(f"--opset must be in {OPSETS[0]}..{OPSETS[-1]} (torch.onnx's TorchScript exporter), got {args.opset}")
+    if args.atol < 0 or args.rtol < 0:
+        p.error(f"--atol and --rtol must be >= 0, got {args.atol} and {args.rtol}")
+    return args
 
 
 def load_detector(path: str | Path) -> tuple[YOLOv1, YoloConfig, list[str]]:
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--output {output} is the checkpoint itself: refusing to overwrite it")
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
+    if output.exists() and output.suffix.lower() != ".onnx":   # a checkpoint, say: only an earlier export is replaced
+        raise ValueError(f"--output {output} exists and is not an .onnx file: refusing to overwrite it")
     model, cfg, class_names = load_detector(args.checkpoint)
     # Written beside the output and renamed over it only once exported (and checked): a failed
     # export or check leaves no file, and never half of one, under the output's name.
@@ -135,7 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        export_onnx(model, tmp, class_names, args.opset)
+        from onnx.checker import ValidationError
+        try:
+            export_onnx(model, tmp, class_names, args.opset)
+        except (RuntimeError, ValueError, ValidationError) as e:   # torch.onnx's errors are RuntimeErrors
+            raise ValueError(f"torch.onnx could not export this model at --opset {args.opset} "
+                             f"({str(e).splitlines()[0][:200]}); nothing written") from e
         result = {"output": str(output), "opset": args.opset, "max_abs_diff": None}
         checked = args.check
         if checked:
@@ -148,7 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
             worst = 0.0
             for n in (1, 3):
                 x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
-                worst = max(worst, check_export(tmp, model, x, args.atol, args.rtol))
+                try:
+                    worst = max(worst, check_export(tmp, model, x, args.atol, args.rtol))
+                except AssertionError as e:     # named by the output's name, not the temporary file's
+                    raise ValueError(f"{str(e).replace(str(tmp), str(output))}; {output} not written (--atol/--rtol, "
+                                     "or --no-check to skip)") from None
             result["max_abs_diff"] = worst
         os.replace(tmp, output)
     finally:

@@ -25,6 +25,7 @@ processes or resumes.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import warnings
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from dataset import (DataError, decode_encoded, decode_on_device_batch, read_encoded, read_image,
                      warp_image)
+from voc_eval import read_text
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".webp")
 KAGGLE_SUBDIR = Path("ILSVRC") / "Data" / "CLS-LOC"
@@ -88,10 +90,15 @@ def scan_class_folders(split_dir: str | Path, allow_empty: bool = False) -> dict
     split_dir = Path(split_dir)
     out: dict[str, list[Path]] = {}
     with os.scandir(split_dir) as it:
-        dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        entries = [e for e in it if not e.name.startswith(".")]
+    for e in entries:   # a class folder behind a broken link would silently become a missing class
+        if e.is_symlink() and not os.path.exists(e.path):
+            raise DataError(f"{e.path}: a broken symbolic link (to {os.readlink(e.path)}) where a class folder "
+                            "is expected; fix or remove it")
+    dirs = sorted(e.name for e in entries if e.is_dir())
     for name in dirs:
-        with os.scandir(split_dir / name) as it:
-            files = sorted(e.name for e in it if _is_image(e.name) and e.is_file())
+        with os.scandir(split_dir / name) as it:   # a broken link to an image is listed: training skips and counts it
+            files = sorted(e.name for e in it if _is_image(e.name) and (e.is_file() or e.is_symlink()))
         if not files and not allow_empty:
             raise DataError(f"{split_dir / name}: class folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
         out[name] = [split_dir / name / f for f in files]
@@ -101,7 +108,7 @@ def scan_class_folders(split_dir: str | Path, allow_empty: bool = False) -> dict
 def loose_images(folder: str | Path) -> list[Path]:
     """Image files directly inside ``folder`` (not in sub-folders), sorted by name."""
     with os.scandir(folder) as it:
-        return sorted(Path(folder) / e.name for e in it if _is_image(e.name) and e.is_file())
+        return sorted(Path(folder) / e.name for e in it if _is_image(e.name) and (e.is_file() or e.is_symlink()))
 
 
 # ----------------------------------------------------------------------------- label files
@@ -110,7 +117,7 @@ def read_synset_mapping(path: str | Path) -> dict[str, str]:
     """``LOC_synset_mapping.txt`` (``<wnid> <comma-separated names>`` per line) -> ``{wnid: names}``."""
     path = Path(path)
     out: dict[str, str] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         wnid, _, names = line.strip().partition(" ")
@@ -129,24 +136,23 @@ def read_val_solution(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     out: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-            raise DataError(f"{path}: expected the header 'ImageId,PredictionString', got {header}")
-        for line_no, row in enumerate(reader, 2):
-            if not row:
-                continue
-            if len(row) < 2 or not row[1].split():
-                raise DataError(f"{path}:{line_no}: expected 'ImageId,<wnid> xmin ymin xmax ymax ...', got {row}")
-            image_id, tokens = row[0].strip(), row[1].split()
-            wnids = set(tokens[0::5])
-            if len(wnids) != 1:
-                raise DataError(f"{path}:{line_no}: boxes of {image_id} name several classes {sorted(wnids)}")
-            if image_id in out:
-                raise DataError(f"{path}:{line_no}: image {image_id} listed twice")
-            _check_safe_name(image_id, f"{path}:{line_no}")
-            out[image_id] = wnids.pop()
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+        raise DataError(f"{path}: expected the header 'ImageId,PredictionString', got {header}")
+    for line_no, row in enumerate(reader, 2):
+        if not row:
+            continue
+        if len(row) < 2 or not row[1].split():
+            raise DataError(f"{path}:{line_no}: expected 'ImageId,<wnid> xmin ymin xmax ymax ...', got {row}")
+        image_id, tokens = row[0].strip(), row[1].split()
+        wnids = set(tokens[0::5])
+        if len(wnids) != 1:
+            raise DataError(f"{path}:{line_no}: boxes of {image_id} name several classes {sorted(wnids)}")
+        if image_id in out:
+            raise DataError(f"{path}:{line_no}: image {image_id} listed twice")
+        _check_safe_name(image_id, f"{path}:{line_no}")
+        out[image_id] = wnids.pop()
     if not out:
         raise DataError(f"{path}: no rows")
     return out
@@ -154,7 +160,7 @@ def read_val_solution(path: str | Path) -> dict[str, str]:
 
 def _lines(path: Path) -> list[str]:
     """The lines of a text file without trailing blank lines (line numbers carry meaning here)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -510,6 +516,11 @@ def load_imagenet(data_root: str | Path, image_size: int, seed: int = 0, scale: 
     index = {w: i for i, w in enumerate(class_names)}
     train_samples = [(p, index[w]) for w in class_names for p in train_classes[w]]
     notes: list[str] = []
+    with os.scandir(root / "train") as it:
+        stray = sorted(e.name for e in it if not e.name.startswith(".") and not e.is_dir())
+    if stray:
+        notes.append(f"{root / 'train'}: {len(stray)} entries that are not class folders ignored, e.g. {stray[0]} "
+                     "(an archive left unextracted? its class would be missing)")
 
     mapping_path = Path(synset_mapping) if synset_mapping else find_metadata(SYNSET_MAPPING, data_root, root)
     names = read_synset_mapping(mapping_path) if mapping_path else {}

@@ -95,6 +95,15 @@ class YoloConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict, source: str) -> "YoloConfig":
+        """The config a checkpoint saved (``to_dict``; keys added since then take their defaults);
+        ``ValueError`` naming ``source`` for an entry that is no YoloConfig (unknown keys, bad values)."""
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: model_config {d} is not a valid YoloConfig ({e})") from None
+
 
 LEAKY_SLOPE = 0.1
 

@@ -45,11 +45,11 @@ from dataset import MEAN, STD, batches_on_device, collate_encoded, collate_skip_
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, gather_rng_states, load_checkpoint, load_weights,
-                   make_optimizer, print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
-                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, save_checkpoint,
-                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
-                   sum_over_ranks, to_channels_last)
+                   check_config_compatible, cleanup_distributed, finite_float, gather_rng_states, load_checkpoint,
+                   load_weights, make_optimizer, not_a_folder, print_problems, record_bad_step,
+                   remove_partial_checkpoints, require_checkpoint, restore_training_state, restore_unless,
+                   reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed, start_host_read,
+                   step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -134,26 +134,30 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     p.add_argument("--epochs", type=int, default=None, help=f"epochs {r('epochs')}")
     p.add_argument("--batch-size", type=int, default=None, help=f"global batch size over all processes "
                    f"{r('batch_size')}")
-    p.add_argument("--lr", type=float, default=None, help=f"initial learning rate, not scaled with the batch "
+    p.add_argument("--lr", type=finite_float, default=None, help=f"initial learning rate, not scaled with the batch "
                    f"{r('lr')}; with --optimizer sgd {r('sgd_lr')}")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default=None, help=f"adam (AdamW: decoupled weight decay) "
                    f"or the paper's SGD with momentum {r('optimizer')}")
-    p.add_argument("--momentum", type=float, default=None, help=f"SGD momentum / Adam beta1 {r('momentum')}")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"weight decay of conv/FC weights "
+    p.add_argument("--momentum", type=finite_float, default=None, help=f"SGD momentum / Adam beta1 {r('momentum')}")
+    p.add_argument("--weight-decay", type=finite_float, default=None, help=f"weight decay of conv/FC weights "
                    f"{r('weight_decay')}")
     p.add_argument("--lr-step-epochs", type=int, default=None, help=f"multiply the LR by --lr-gamma every this many "
                    f"epochs {r('lr_step_epochs')}")
-    p.add_argument("--lr-gamma", type=float, default=None, help=f"LR step factor {r('lr_gamma')}")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (default: 0, off)")
+    p.add_argument("--lr-gamma", type=finite_float, default=None, help=f"LR step factor {r('lr_gamma')}")
+    p.add_argument("--clip-grad", type=finite_float, default=0.0,
+                   help="clip the gradient norm to this (default: 0, off)")
     p.add_argument("--image-size", type=int, default=None, help=f"training crop, a multiple of 32; evaluation "
                    f"resizes to size*256/224 and centre-crops {r('image_size')}")
-    p.add_argument("--mean", type=float, nargs=3, default=list(MEAN), help=f"RGB normalisation mean (default: {MEAN})")
-    p.add_argument("--std", type=float, nargs=3, default=list(STD), help=f"RGB normalisation std (default: {STD})")
-    p.add_argument("--min-scale", type=float, default=None, help=f"smallest area fraction of the random resized "
+    p.add_argument("--mean", type=finite_float, nargs=3, default=list(MEAN),
+                   help=f"RGB normalisation mean (default: {MEAN})")
+    p.add_argument("--std", type=finite_float, nargs=3, default=list(STD),
+                   help=f"RGB normalisation std (default: {STD})")
+    p.add_argument("--min-scale", type=finite_float, default=None, help=f"smallest area fraction of the random resized "
                    f"crop {r('min_scale')}")
-    p.add_argument("--color-jitter", type=float, default=0.0, help="exposure and saturation jitter J: factors in "
+    p.add_argument("--color-jitter", type=finite_float, default=0.0,
+                   help="exposure and saturation jitter J: factors in "
                    "[1/(1+J), 1+J] (default: 0, off)")
-    p.add_argument("--width", type=float, default=None, help=f"channel width multiplier {r('width')}")
+    p.add_argument("--width", type=finite_float, default=None, help=f"channel width multiplier {r('width')}")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                    help=f"BatchNorm after each conv (the paper has none) {r('batch_norm')}")
     p.add_argument("--variant", choices=["yolo", "fast"], default=None, help=f"YOLO's 20-conv backbone or Fast "
@@ -212,6 +216,13 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         p.error(f"--std must be positive, got {cfg.std}")
     if (cfg.workers is not None and cfg.workers < 0) or cfg.threads < 0:
         p.error(f"--workers and --threads must be >= 0, got {cfg.workers} and {cfg.threads}")
+    if not (0 <= cfg.momentum < 1 and cfg.weight_decay >= 0 and cfg.lr_gamma > 0 and cfg.clip_grad >= 0):
+        p.error(f"--momentum must be in [0, 1), --weight-decay and --clip-grad >= 0, --lr-gamma > 0; got "
+                f"{cfg.momentum}, {cfg.weight_decay}, {cfg.clip_grad} and {cfg.lr_gamma}")
+    if min(cfg.save_every_steps, cfg.preview_images, cfg.color_jitter) < 0 or min(cfg.log_interval,
+                                                                                   cfg.max_bad_steps) < 1:
+        p.error("--save-every-steps, --preview-images and --color-jitter must be >= 0; --log-interval and "
+                "--max-bad-steps >= 1")
     return cfg
 
 
@@ -455,7 +466,8 @@ def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.devic
     if list(ckpt["class_names"]) != data.class_names:
         raise ValueError(f"{cfg.evaluate} was trained on {len(ckpt['class_names'])} other classes "
                          f"(first {ckpt['class_names'][:3]}), not the {len(data.class_names)} of {data.root}")
-    model = Classifier(YoloConfig(**ckpt["model_config"]), len(data.class_names)).to(device)
+    model = Classifier(YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {cfg.evaluate}"),
+                       len(data.class_names)).to(device)
     load_weights(model, ckpt["model"], cfg.evaluate)
     if cfg.channels_last:
         to_channels_last(model)   # the images stay NCHW (see to_channels_last)
@@ -506,6 +518,8 @@ def main(argv: list[str] | None = None) -> dict:
         while (out_dir / "last.pt").exists():
             out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
     out_dir = Path(all_gather_objects(str(out_dir))[0])
+    if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
+        raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),
@@ -570,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = load_checkpoint(resume_path)
         require_checkpoint(ckpt, resume_path, "pretrainer.py", ("model", "optimizer", "scheduler", "scaler", "state",
                                                                  "model_config", "class_names", "rng"))
-        check_config_compatible(ckpt["model_config"], model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
+        saved_cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {resume_path}").to_dict()
+        check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
         if "config" in ckpt:   # the optimizer state and the step count only fit the same optimizer and batch
             check_config_compatible(ckpt["config"], asdict(cfg), ("optimizer", "batch_size"), str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):

@@ -33,13 +33,13 @@ from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, co
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects,
-                   autocast_dtype, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
-                   format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer, predict,
+from utils import (GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
+                   check_config_compatible, cleanup_distributed, cpu_has_native_bf16, finite_float, format_loss,
+                   gather_rng_states, load_checkpoint, load_weights, make_optimizer, not_a_folder, predict,
                    print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
                    restore_training_state, restore_unless, reuse_freed_memory, run_cli, save_checkpoint,
-                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
-                   sum_over_ranks, to_channels_last)
+                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
+                   to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -142,38 +142,39 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help=f"keep decoded training images in memory after the first epoch (with --workers 0) {r}")
     p.add_argument("--no-augment", dest="augment", action="store_false",
                    help="turn off the paper's augmentation (scale/translate, exposure/saturation, flip)")
-    p.add_argument("--jitter", type=float, default=-1.0,
+    p.add_argument("--jitter", type=finite_float, default=-1.0,
                    help=f"random scale and translation of up to this fraction of the image size (paper: 0.2) {r}")
-    p.add_argument("--hsv", type=float, default=0.0,
+    p.add_argument("--hsv", type=finite_float, default=0.0,
                    help=f"random exposure and saturation factors in [1/hsv, hsv] (paper: 1.5) {r}")
     p.add_argument("--epochs", type=int, default=0, help=f"epochs {r}")
     p.add_argument("--batch-size", type=int, default=0, help=f"global batch size over all processes {r}")
-    p.add_argument("--lr", type=float, default=0.0, help=f"peak learning rate {r}")
+    p.add_argument("--lr", type=finite_float, default=0.0, help=f"peak learning rate {r}")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="", help=f"optimizer {r}")
-    p.add_argument("--momentum", type=float, default=0.0, help=f"SGD momentum / Adam beta1 {r}")
-    p.add_argument("--weight-decay", type=float, default=0.0, help=f"weight decay {r}")
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help=f"epochs of linear LR warm-up from --warmup-lr {r}")
-    p.add_argument("--warmup-lr", type=float, default=0.0, help=f"LR at the start of warm-up {r}")
+    p.add_argument("--momentum", type=finite_float, default=0.0, help=f"SGD momentum / Adam beta1 {r}")
+    p.add_argument("--weight-decay", type=finite_float, default=0.0, help=f"weight decay {r}")
+    p.add_argument("--warmup-epochs", type=finite_float, default=0.0,
+                   help=f"epochs of linear LR warm-up from --warmup-lr {r}")
+    p.add_argument("--warmup-lr", type=finite_float, default=0.0, help=f"LR at the start of warm-up {r}")
     p.add_argument("--lr-schedule", choices=["step", "linear", "cosine"], default=None,
                    help=f"after warm-up: step (x --lr-gamma at --lr-steps), or a linear or cosine decay to 0 at the "
                         f"last epoch {r}")
     p.add_argument("--lr-steps", default="", help=f"comma-separated epochs where LR is multiplied by --lr-gamma {r}")
-    p.add_argument("--lr-gamma", type=float, default=0.0, help=f"LR step factor {r}")
-    p.add_argument("--lambda-coord", type=float, default=5.0, help="weight of the coordinate loss")
-    p.add_argument("--lambda-noobj", type=float, default=0.5, help="weight of the no-object confidence loss")
+    p.add_argument("--lr-gamma", type=finite_float, default=0.0, help=f"LR step factor {r}")
+    p.add_argument("--lambda-coord", type=finite_float, default=5.0, help="weight of the coordinate loss")
+    p.add_argument("--lambda-noobj", type=finite_float, default=0.5, help="weight of the no-object confidence loss")
     p.add_argument("--no-rescore", dest="rescore", action="store_false", help="confidence target 1 instead of the IoU")
-    p.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--clip-grad", type=finite_float, default=0.0, help="clip the gradient norm to this (0: off)")
     p.add_argument("--image-size", type=int, default=0, help=f"input size, a multiple of 32 {r}")
     p.add_argument("-S", type=int, default=7, help="grid size")
     p.add_argument("-B", type=int, default=2, help="boxes per cell")
-    p.add_argument("--width", type=float, default=0.0, help=f"channel width multiplier {r}")
+    p.add_argument("--width", type=finite_float, default=0.0, help=f"channel width multiplier {r}")
     p.add_argument("--fc-dim", type=int, default=0, help=f"hidden units of the head's first FC layer, before --width {r}")
     p.add_argument("--head-stride", type=int, choices=[1, 2], default=0,
                    help=f"stride of the head's 2nd conv: the paper's 2 maps 448 px to the 7x7 grid; 1 keeps a "
                         f"224 px input's 7x7 map (YOLO variant) {r}")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None, help=f"BatchNorm after each conv {r}")
     p.add_argument("--variant", choices=["yolo", "fast"], default="", help=f"YOLO (24 conv) or Fast YOLO (9 conv) {r}")
-    p.add_argument("--dropout", type=float, default=-1.0, help=f"dropout after the first FC layer {r}")
+    p.add_argument("--dropout", type=finite_float, default=-1.0, help=f"dropout after the first FC layer {r}")
     p.add_argument("--backbone", default="", help="pretrainer.py checkpoint whose backbone initialises the detector")
     p.add_argument("--resume", default="", help="checkpoint to resume from, or 'auto' for the run folder's last.pt if any")
     p.add_argument("--out-dir", default="", help="run folder (default: runs/detector/<data>, numbered if taken)")
@@ -182,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision: bf16 autocast (fp16 + GradScaler on GPUs without bf16; on a CPU only "
                         f"where it has bf16 hardware, AVX512-BF16 or AMX) {r}")
-    p.add_argument("--ema-decay", type=float, default=-1.0,
+    p.add_argument("--ema-decay", type=finite_float, default=-1.0,
                    help=f"evaluate and save an exponential moving average of the weights with this decay (0: off) {r}")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -195,8 +196,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")
     p.add_argument("--eval-interval", type=int, default=0, help=f"evaluate mAP every N epochs (and at the end) {r}")
-    p.add_argument("--conf-threshold", type=float, default=0.001, help="score threshold for mAP (darknet's VOC validation)")
-    p.add_argument("--nms-iou", type=float, default=0.5, help="NMS IoU threshold")
+    p.add_argument("--conf-threshold", type=finite_float, default=0.001,
+                   help="score threshold for mAP (darknet's VOC validation)")
+    p.add_argument("--nms-iou", type=finite_float, default=0.5, help="NMS IoU threshold")
     p.add_argument("--max-det", type=int, default=300, help="detections kept per image (0: all)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many consecutive non-finite steps")
@@ -219,6 +221,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                                                        cfg.max_bad_steps) < 1:
         p.error("--workers, --max-det and --save-every-steps must be >= 0; --eval-interval, --log-interval and "
                 "--max-bad-steps >= 1")
+    if not (0 <= cfg.momentum < 1 and cfg.weight_decay >= 0 and cfg.lr_gamma > 0 and cfg.clip_grad >= 0):
+        p.error(f"--momentum must be in [0, 1), --weight-decay and --clip-grad >= 0, --lr-gamma > 0; got "
+                f"{cfg.momentum}, {cfg.weight_decay}, {cfg.clip_grad} and {cfg.lr_gamma}")
+    if min(cfg.warmup_epochs, cfg.warmup_lr, cfg.lambda_coord, cfg.lambda_noobj, cfg.tb_images) < 0:
+        p.error("--warmup-epochs, --warmup-lr, --lambda-coord, --lambda-noobj and --tb-images must be >= 0")
+    if not 0 <= cfg.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    try:
+        steps = [float(s) for s in cfg.lr_steps.split(",") if s.strip()]
+    except ValueError:
+        steps = [-1.0]
+    if any(not (math.isfinite(s) and s >= 0) for s in steps):
+        p.error(f"--lr-steps must be comma-separated epochs (numbers >= 0), got {cfg.lr_steps!r}")
     try:   # the model flags, checked now rather than after the data is read (C is the data's)
         model_config(cfg, C=20)
     except ValueError as e:
@@ -415,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         while (out_dir / "last.pt").exists():
             out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
     out_dir = Path(all_gather_objects(str(out_dir))[0])
+    if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
+        raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
 
     # ---- data
     if cfg.data == "demo":
@@ -499,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
         ckpt = load_checkpoint(resume_path)
         require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
-        saved_cfg = YoloConfig(**ckpt["model_config"]).to_dict()   # keys added since it was saved take their defaults
+        saved_cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {resume_path}").to_dict()
         check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
         if "config" in ckpt:   # the optimizer state and the step count only fit the same optimizer and batch
             check_config_compatible(ckpt["config"], asdict(cfg), ("optimizer", "batch_size"), str(resume_path))

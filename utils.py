@@ -10,6 +10,7 @@ Box conventions (stated once, here):
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import ctypes
 import functools
@@ -17,6 +18,7 @@ import math
 import os
 import random
 import secrets
+import shutil
 import signal
 import sys
 import warnings
@@ -169,6 +171,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError of its zip writer
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"{path}: could not write the checkpoint ({str(e).splitlines()[0][:200]}; {free / 2**20:.0f} "
+                      f"MiB free on its disk); {'the previous one is intact' if path.exists() else 'nothing written'}"
+                      ) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -350,15 +358,26 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def run_cli(main: Callable[[], Any]) -> Any:
     """Run a script's ``main()``. Bad input (a ``ValueError`` such as ``dataset.DataError``, a missing
-    or misplaced file) ends with one line, ``<script>: error: <message>``, and exit status 1 instead
-    of a traceback; ``YOLO_TRACEBACK=1`` in the environment shows the traceback too."""
+    or misplaced file, any other ``OSError`` such as a full disk) and a training run that diverged
+    (``FloatingPointError``, after ``--max-bad-steps``) end with one line, ``<script>: error:
+    <message>``, and exit status 1 instead of a traceback; ``YOLO_TRACEBACK=1`` in the environment
+    shows the traceback too."""
     try:
         return main()
-    except (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("YOLO_TRACEBACK"):
             raise
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` for float flags: NaN and infinities are refused when the flags are read,
+    not found mid-run (an infinite LR, a NaN loss weight)."""
+    value = float(text)            # a ValueError: argparse's "invalid finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def parse_device(device_arg: str) -> torch.device:

@@ -42,6 +42,19 @@ import numpy as np
 Detections = dict[int, tuple[list[str], np.ndarray, np.ndarray]]
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A text file the user gives (results files here; image set lists in dataset.py, ImageNet
+    label files in imagenet.py) as UTF-8, a byte-order mark at its start dropped (as Windows tools
+    write one); a file that is not UTF-8 text is a ValueError naming it and the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        kind = "UTF-16 text" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "not UTF-8 text"
+        raise ValueError(f"{path}: {kind} (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8") \
+            from None
+
+
 @dataclass
 class GroundTruth:
     """One image's annotation in VOC 1-based inclusive pixel `xyxy` boxes.
@@ -292,23 +305,24 @@ def read_results_dir(path: str | os.PathLike, class_names: Sequence[str], split:
     for c, cname in enumerate(class_names):
         f = _results_file(path, prefix, split, cname)
         ids, rows = [], []
-        if f.exists():
-            with open(f) as fh:
-                for k, line in enumerate(fh, 1):
-                    parts = line.split()
-                    if not parts:
-                        continue
-                    try:
-                        if len(parts) != 6:
-                            raise ValueError(f"{len(parts)} fields")
-                        vals = [float(v) for v in parts[1:]]
-                        if not all(math.isfinite(v) for v in vals):
-                            raise ValueError("non-finite number")
-                    except ValueError as e:
-                        raise ValueError(f"{f}:{k}: expected '<image_id> <score> <xmin> <ymin> "
-                                         f"<xmax> <ymax>', got {line.strip()!r} ({e})") from None
-                    ids.append(parts[0])
-                    rows.append(vals)
+        for k, line in enumerate(read_text(f).splitlines() if f.exists() else [], 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                if len(parts) != 6:
+                    raise ValueError(f"{len(parts)} fields")
+                vals = [float(v) for v in parts[1:]]
+                if not all(math.isfinite(v) for v in vals):
+                    raise ValueError("non-finite number")
+                if _bad_boxes(np.array([vals[1:]])).any():
+                    raise ValueError("an empty box in the inclusive VOC convention: xmax - xmin + 1 <= 0 or "
+                                     "ymax - ymin + 1 <= 0")
+            except ValueError as e:
+                raise ValueError(f"{f}:{k}: expected '<image_id> <score> <xmin> <ymin> "
+                                 f"<xmax> <ymax>', got {line.strip()!r} ({e})") from None
+            ids.append(parts[0])
+            rows.append(vals)
         a = np.array(rows, dtype=np.float64).reshape(-1, 5)
         out[c] = (ids, a[:, 0].copy(), a[:, 1:].copy())
     return out

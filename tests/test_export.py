@@ -105,7 +105,7 @@ def test_check_names_a_non_finite_onnx_output(monkeypatch):
         export.check_export("m.onnx", None, None)
 
 
-def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tmp_path):
+def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
     ckpt = tmp_path / "m.pt"
     _model_with_statistics(ckpt)
     before = ckpt.read_bytes()
@@ -117,11 +117,22 @@ def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tm
         export.main(["--checkpoint", str(named_onnx)])
     with pytest.raises(ValueError, match="is a folder"):
         export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path)])
-    # a check that fails (a negative tolerance) leaves no file under the output's name, nor a temporary
-    with pytest.raises(AssertionError, match="differs from PyTorch"):
-        export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out.onnx"), "--atol", "-1"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "weights.onnx"]
-    assert ckpt.read_bytes() == before == named_onnx.read_bytes()
+    other = tmp_path / "last.pt"                          # another existing file that is no export: kept
+    other.write_bytes(before)
+    with pytest.raises(ValueError, match="exists and is not an .onnx file: refusing to overwrite it"):
+        export.main(["--checkpoint", str(ckpt), "--output", str(other)])
+    for flags in (["--atol", "-1"], ["--rtol", "nan"], ["--opset", "99"], ["--opset", "5"]):
+        with pytest.raises(SystemExit) as e:                # argparse's usage error, before any work
+            export.main(["--checkpoint", str(ckpt), *flags])
+        assert e.value.code == 2
+    # a check that fails leaves no file under the output's name, nor a temporary, and names the output
+    real = export.compare_onnx
+    monkeypatch.setattr(export, "compare_onnx", lambda *a: (lambda o, r: (o + 1, r))(*real(*a)))
+    with pytest.raises(ValueError, match=r"out\.onnx: ONNX output differs from PyTorch.*out\.onnx not written"):
+        export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out.onnx")])
+    monkeypatch.setattr(export, "compare_onnx", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "m.pt", "weights.onnx"]
+    assert ckpt.read_bytes() == before == named_onnx.read_bytes() == other.read_bytes()
     res = export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out.onnx")])
     assert res["max_abs_diff"] is not None and (tmp_path / "out.onnx").stat().st_size > 0
 
