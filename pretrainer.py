@@ -45,11 +45,11 @@ from dataset import MEAN, STD, batches_on_device, collate_encoded, collate_skip_
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, finite_float, gather_rng_states, load_checkpoint,
-                   load_weights, make_optimizer, not_a_folder, print_problems, record_bad_step,
-                   remove_partial_checkpoints, require_checkpoint, restore_training_state, restore_unless,
-                   reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed, start_host_read,
-                   step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
+                   check_batch_norm_batch, check_config_compatible, cleanup_distributed, finite_float,
+                   gather_rng_states, load_checkpoint, load_weights, make_optimizer, not_a_folder, print_problems,
+                   record_bad_step, remove_partial_checkpoints, require_checkpoint, restore_training_state,
+                   restore_unless, reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed,
+                   start_host_read, step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model, optimizer, schedule
     model_cfg = YoloConfig(C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
                            batch_norm=cfg.batch_norm, width=cfg.width)
+    check_batch_norm_batch(lambda: Classifier(model_cfg, len(class_names)), cfg.image_size, per_proc)
     model = Classifier(model_cfg, len(class_names)).to(device)
     if cfg.channels_last:
         to_channels_last(model)   # the images stay NCHW (see to_channels_last)

@@ -34,12 +34,12 @@ from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_config_compatible, cleanup_distributed, cpu_has_native_bf16, finite_float, format_loss,
-                   gather_rng_states, load_checkpoint, load_weights, make_optimizer, not_a_folder, predict,
-                   print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
-                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, save_checkpoint,
-                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
-                   to_channels_last)
+                   check_batch_norm_batch, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
+                   finite_float, format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer,
+                   not_a_folder, predict, print_problems, record_bad_step, remove_partial_checkpoints,
+                   require_checkpoint, restore_training_state, restore_unless, reuse_freed_memory, run_cli,
+                   save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite,
+                   step_scheduler, sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
                             generator=torch.Generator(), **loader_kw)
 
     # ---- model, loss, optimizer, schedule
+    check_batch_norm_batch(lambda: YOLOv1(model_cfg), model_cfg.image_size, per_proc)
     model = YOLOv1(model_cfg).to(device)
     if cfg.backbone:
         ckpt = load_checkpoint(cfg.backbone)

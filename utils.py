@@ -380,6 +380,23 @@ def finite_float(text: str) -> float:
     return value
 
 
+def check_batch_norm_batch(build: Callable[[], torch.nn.Module], image_size: int, per_process: int) -> None:
+    """``ValueError`` naming the flags when training at ``per_process`` images per process would give
+    a BatchNorm layer of the model ``build()`` makes a single value per channel (a 1x1 map at batch
+    1), which BatchNorm cannot normalise: found at start by a forward pass on the ``meta`` device
+    (shapes only, no memory, no arithmetic) instead of at the first step."""
+    if per_process > 1:
+        return
+    with torch.device("meta"):
+        model = build().train()
+    try:
+        model(torch.empty(per_process, 3, image_size, image_size, device="meta"))
+    except ValueError as e:
+        raise ValueError(f"--batch-size gives {per_process} image per process, and at --image-size {image_size} "
+                         f"BatchNorm then sees one value per channel ({e}): give a larger --batch-size or "
+                         "--image-size") from None
+
+
 def parse_device(device_arg: str) -> torch.device:
     """``--device``: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"; anything else is a
     ``ValueError`` naming the flag."""

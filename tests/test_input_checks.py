@@ -188,3 +188,17 @@ def test_bench_refuses_a_bad_device_in_one_line():
                           text=True, timeout=120, env={**os.environ, "YOLO_TRACEBACK": ""})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["bench.py: error: --device must be auto, cpu, cuda or cuda:N, got 'foo'"]
+
+
+def test_a_batch_batch_norm_cannot_train_on_is_refused_at_start():
+    from model import YOLOv1, YoloConfig
+    from utils import check_batch_norm_batch
+
+    def yolo(size, **kw):
+        return lambda: YOLOv1(YoloConfig(C=5, image_size=size, width=0.0625, **kw))
+    with pytest.raises(ValueError, match=r"--batch-size gives 1 image per process, and at --image-size 32 BatchNorm "
+                                         r"then sees one value per channel \(.*torch.Size\(\[1, .*, 1, 1\]\)\)"):
+        check_batch_norm_batch(yolo(32, batch_norm=True), 32, 1)
+    check_batch_norm_batch(yolo(32, batch_norm=True), 32, 2)                   # two values per channel
+    check_batch_norm_batch(yolo(32, batch_norm=False), 32, 1)                  # no BatchNorm
+    check_batch_norm_batch(yolo(64, batch_norm=True, head_stride=1), 64, 1)    # a 2x2 map at the end
