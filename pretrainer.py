@@ -44,12 +44,13 @@ from tqdm import tqdm
 from dataset import MEAN, STD, batches_on_device, collate_encoded, collate_skip_none, color_normalize
 from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
-from utils import (GracefulStop, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
+from utils import (GracefulStop, ResumableSampler, RunFolder, ShardSampler, all_gather_objects, autocast_dtype,
                    check_batch_norm_batch, check_config_compatible, cleanup_distributed, finite_float,
-                   gather_rng_states, load_checkpoint, load_weights, make_optimizer, not_a_folder, print_problems,
-                   record_bad_step, remove_partial_checkpoints, require_checkpoint, restore_training_state,
-                   restore_unless, reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed,
-                   start_host_read, step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
+                   gather_rng_states, given_flags, load_checkpoint, load_weights, make_optimizer, not_a_folder,
+                   print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
+                   restore_training_state, restore_unless, resume_config, reuse_freed_memory, run_cli, save_checkpoint,
+                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
+                   to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -64,6 +65,12 @@ RECIPES = {
                  **DEMO_MODEL, variant="yolo", amp=True, workers=1),
 }
 MODEL_KEYS = ("C", "variant", "batch_norm", "width")   # what a resumed checkpoint must match
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "model_config", "class_names", "rng")
+# Flags a resumed run may take from the command line; the others are the run's (utils.resume_config).
+RESUME_MAY_CHANGE = ("epochs", "data_root", "val_solution", "devkit_gt", "devkit_synsets", "synset_mapping",
+                     "prepare_val", "resume", "out_dir", "device", "workers", "threads", "amp", "compile",
+                     "channels_last", "gpu_decode", "deterministic", "save_every_steps", "max_bad_steps",
+                     "log_interval", "preview_images", "check_data", "evaluate")
 
 
 @dataclass
@@ -111,7 +118,7 @@ class PretrainConfig:
     evaluate: str = ""
 
 
-def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def r(key: str) -> str:
@@ -196,6 +203,11 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
     p.add_argument("--evaluate", default="", metavar="CHECKPOINT", help="validation only: load this pretrainer "
                    "checkpoint and print top-1 / top-5 on val/ with the checkpoint's image size and normalisation "
                    "and this command's --data, --data-root, --batch-size, --amp, --device, --workers; then exit")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+    p = build_parser()
     args = vars(p.parse_args(argv))
     recipe = RECIPES[args["data"]]
     if args["lr"] is None and (args["optimizer"] or recipe["optimizer"]) == "sgd":
@@ -515,11 +527,22 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = base
     if not cfg.out_dir and not cfg.resume:
         k = 2
-        while (out_dir / "last.pt").exists():
+        while (out_dir / "last.pt").exists() or (out_dir / "best.pt").exists():
             out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
     out_dir = Path(all_gather_objects(str(out_dir))[0])
     if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
         raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
+    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    ckpt = None
+    if resume_path is not None and (resume_path.exists() or cfg.resume != "auto"):   # the run's flags, first
+        ckpt = load_checkpoint(resume_path)
+        require_checkpoint(ckpt, resume_path, "pretrainer.py", RESUME_KEYS)
+        cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv), RESUME_MAY_CHANGE,
+                            str(resume_path))
+        if ckpt["state"]["epoch"] >= cfg.epochs:
+            raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
+                             f"--epochs {cfg.epochs}; give more epochs to train it further")
+    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),
@@ -580,15 +603,9 @@ def main(argv: list[str] | None = None) -> dict:
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_top1": -1.0, "best_top5": -1.0, "top1": None,
              "top5": None, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0, "history": [],
              "epoch_meter": {"loss_sum": 0.0, "correct": 0.0, "images": 0}}
-    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-    if resume_path is not None and (resume_path.exists() or cfg.resume != "auto"):
-        ckpt = load_checkpoint(resume_path)
-        require_checkpoint(ckpt, resume_path, "pretrainer.py", ("model", "optimizer", "scheduler", "scaler", "state",
-                                                                 "model_config", "class_names", "rng"))
+    if ckpt is not None:
         saved_cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {resume_path}").to_dict()
         check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
-        if "config" in ckpt:   # the optimizer state and the step count only fit the same optimizer and batch
-            check_config_compatible(ckpt["config"], asdict(cfg), ("optimizer", "batch_size"), str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on {len(ckpt['class_names'])} other classes "
                              f"(first {ckpt['class_names'][:3]}), not the {len(class_names)} of {data.root}")
@@ -597,6 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
         scheduler.load_state_dict(ckpt["scheduler"])
         state.update(ckpt["state"])
         restore_training_state(ckpt, scaler, rank, world)
+        ckpt = None     # (the loaded optimizer state is in the optimizer now)
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']} "
                   f"({state['step_in_epoch']} into the epoch)")
@@ -702,6 +720,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"best top-1 {state['best_top1']:.2f}% (top-5 {state['best_top5']:.2f}%) | {out_dir / 'best.pt'}")
     if writer:
         writer.close()
+    if run_folder:
+        run_folder.release()
     cleanup_distributed()
     return {"out_dir": str(out_dir), "best_top1": state["best_top1"], "best_top5": state["best_top5"],
             "final_top1": state["top1"], "final_top5": state["top5"], "epochs": state["epoch"],

@@ -33,13 +33,13 @@ from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, co
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (GracefulStop, ModelEMA, ResumableSampler, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_batch_norm_batch, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
-                   finite_float, format_loss, gather_rng_states, load_checkpoint, load_weights, make_optimizer,
-                   not_a_folder, predict, print_problems, record_bad_step, remove_partial_checkpoints,
-                   require_checkpoint, restore_training_state, restore_unless, reuse_freed_memory, run_cli,
-                   save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite,
-                   step_scheduler, sum_over_ranks, to_channels_last)
+from utils import (GracefulStop, ModelEMA, ResumableSampler, RunFolder, ShardSampler, all_gather_objects,
+                   autocast_dtype, check_batch_norm_batch, check_config_compatible, cleanup_distributed,
+                   cpu_has_native_bf16, finite_float, format_loss, gather_rng_states, given_flags, load_checkpoint,
+                   load_weights, make_optimizer, not_a_folder, predict, print_problems, record_bad_step,
+                   remove_partial_checkpoints, require_checkpoint, restore_training_state, restore_unless,
+                   resume_config, reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed,
+                   start_host_read, step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -59,6 +59,11 @@ RECIPES = {
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim", "head_stride")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "model_config", "class_names", "rng")
+# Flags a resumed run may take from the command line; the others are the run's (utils.resume_config).
+RESUME_MAY_CHANGE = ("epochs", "data_root", "val_set", "resume", "out_dir", "device", "workers", "amp", "compile",
+                     "channels_last", "gpu_decode", "cache_images", "deterministic", "eval_interval", "conf_threshold",
+                     "nms_iou", "max_det", "save_every_steps", "max_bad_steps", "log_interval", "tb_images",
+                     "check_data", "backbone")
 
 
 @dataclass
@@ -130,7 +135,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     r = "(default: from the --data recipe: paper's on voc, CPU-sized on demo)"
     p.add_argument("--data", choices=["voc", "demo"], default="demo", help="dataset")
@@ -205,6 +210,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--log-interval", type=int, default=10, help="steps between TensorBoard loss points")
     p.add_argument("--tb-images", type=int, default=6, help="validation images drawn in TensorBoard each evaluation")
     p.add_argument("--check-data", action="store_true", help="decode every image, print every data problem, and exit")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = build_parser()
     p.set_defaults(**{k: None for k in RECIPES["voc"]})   # unset recipe flags are filled in below
     args = vars(p.parse_args(argv))
     for k, v in RECIPES[args["data"]].items():
@@ -427,11 +437,22 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = base
     if not cfg.out_dir and cfg.resume != "auto" and not cfg.resume:
         k = 2
-        while (out_dir / "last.pt").exists():
+        while (out_dir / "last.pt").exists() or (out_dir / "best.pt").exists():
             out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
     out_dir = Path(all_gather_objects(str(out_dir))[0])
     if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
         raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
+    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    ckpt = None
+    if resume_path and (resume_path.exists() or cfg.resume != "auto"):   # the run's flags, before anything is built
+        ckpt = load_checkpoint(resume_path)
+        require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
+        cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv),
+                            RESUME_MAY_CHANGE, str(resume_path))
+        if ckpt["state"]["epoch"] >= cfg.epochs:
+            raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
+                             f"--epochs {cfg.epochs}; give more epochs to train it further")
+    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
 
     # ---- data
     if cfg.data == "demo":
@@ -488,13 +509,14 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model, loss, optimizer, schedule
     check_batch_norm_batch(lambda: YOLOv1(model_cfg), model_cfg.image_size, per_proc)
     model = YOLOv1(model_cfg).to(device)
-    if cfg.backbone:
-        ckpt = load_checkpoint(cfg.backbone)
-        if "model" not in ckpt:
+    if cfg.backbone and ckpt is None:    # (a resumed run has its weights in its checkpoint)
+        backbone = load_checkpoint(cfg.backbone)
+        if "model" not in backbone:
             raise ValueError(f"checkpoint {cfg.backbone} lacks 'model': not a pretrainer.py (or train_detector.py) "
                              "checkpoint")
-        averaged = bool(ckpt.get("ema"))   # a detector's checkpoint: its weight average, the weights it is used with
-        load_backbone(model, ckpt["ema"]["module"] if averaged else ckpt["model"], source=cfg.backbone)
+        averaged = bool(backbone.get("ema"))   # a detector's checkpoint: its weight average, the weights it is used with
+        load_backbone(model, backbone["ema"]["module"] if averaged else backbone["model"], source=cfg.backbone)
+        del backbone
         if is_main:
             print(f"backbone initialised from {cfg.backbone}{' (its weight average)' if averaged else ''}")
     if cfg.channels_last:
@@ -512,15 +534,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- resume
     state = new_state()
-    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
     ema_state = None
-    if resume_path and resume_path.exists() or (cfg.resume and cfg.resume != "auto"):
-        ckpt = load_checkpoint(resume_path)
-        require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
+    if ckpt is not None:
         saved_cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {resume_path}").to_dict()
         check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
-        if "config" in ckpt:   # the optimizer state and the step count only fit the same optimizer and batch
-            check_config_compatible(ckpt["config"], asdict(cfg), ("optimizer", "batch_size"), str(resume_path))
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on classes {ckpt['class_names']}, not {list(class_names)}")
         load_weights(model, ckpt["model"], resume_path)
@@ -532,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{resume_path} predates the saved epoch loss sums: epoch {state['epoch'] + 1}'s printed loss "
                   "covers only the steps after this resume")
         restore_training_state(ckpt, scaler, rank, world)
+        ckpt = None     # (the loaded optimizer state is in the optimizer now: GBs for the paper model)
         if is_main:
             print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
     raw_model = model
@@ -655,6 +673,8 @@ def main(argv: list[str] | None = None) -> dict:
         writer.close()
     if log_file:
         log_file.close()
+    if run_folder:
+        run_folder.release()
     cleanup_distributed()
     return {"out_dir": str(out_dir), "best_map": state["best_map"],
             "final_map": last_result["map"] if last_result else None, "skipped_images": state["skipped_images"]}

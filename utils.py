@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import dataclasses
+import fcntl
 import functools
 import math
 import os
@@ -369,6 +371,72 @@ def run_cli(main: Callable[[], Any]) -> Any:
             raise
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the flags ``argv`` gives (rather than leaving them at their defaults):
+    ``parser`` (a fresh one; it is changed) parses ``argv`` again with every default suppressed.
+    (Through ``_actions``: ``set_defaults(dest=SUPPRESS)`` would put the marker in the namespace.)"""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def resume_config(cfg: Any, saved: dict[str, Any], given: set[str], may_change: tuple[str, ...], source: str) -> Any:
+    """The config a resumed run continues with (``cfg`` a config dataclass, ``saved`` the one in the
+    checkpoint): a training flag the command line leaves unset takes the checkpoint's value, so that
+    ``--resume auto --out-dir RUN`` continues RUN as it was started, and one the command line gives
+    with another value is refused, naming both (the optimizer state, the LR schedule, the data order
+    and the step count fit only what they were made with). The flags in ``may_change`` (epochs,
+    device, workers, intervals, evaluation settings ...) follow the command line."""
+    changes, conflicts = {}, []
+    for key, old in saved.items():
+        if key in may_change or not hasattr(cfg, key) or _to_plain(getattr(cfg, key)) == _to_plain(old):
+            continue
+        if key in given:
+            flag = f"-{key}" if len(key) == 1 else f"--{key.replace('_', '-')}"
+            conflicts.append(f"{flag} {getattr(cfg, key)} (the run's: {old})")
+        else:
+            changes[key] = old
+    if conflicts:
+        raise ValueError(f"{source}: resuming with other training flags would not continue the run: "
+                         f"{'; '.join(conflicts)}. Leave them out (the run's own values are used) or start a new run")
+    return dataclasses.replace(cfg, **changes)
+
+
+class RunFolder:
+    """A run folder held by this process: created (a folder that cannot be written is found before
+    any work), refused when it already holds a run's checkpoints and this is not a resume (a fresh
+    run would overwrite them), and locked while the process lives (``flock`` on ``.lock``, released
+    by the OS even if the process is killed): a second run started in it is refused, where the two
+    would take turns writing its checkpoints."""
+
+    def __init__(self, path: Path, resuming: bool):
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(path / ".lock", "a+")
+        except OSError as e:
+            raise OSError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to end "
+                             "or give another --out-dir") from None
+        held = [name for name in ("last.pt", "best.pt") if (path / name).exists()]
+        if held and not resuming:
+            self.release()
+            raise ValueError(f"--out-dir {path} holds a run ({', '.join(held)}), which a fresh run would overwrite: "
+                             f"continue it with --resume auto, or give another --out-dir")
+        self._lock.truncate(0)
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+
+    def release(self) -> None:
+        self._lock.close()     # closing the file drops the lock
 
 
 def finite_float(text: str) -> float:

@@ -411,3 +411,16 @@ def test_a_batch_without_a_readable_image_is_skipped_not_fatal(tree: Path, tmp_p
     assert result["exit_code"] == 0 and result["step"] == 4
     assert result["skipped_images"] == 8 and result["skipped_steps"] == 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["skipped_images"] == 8
+
+
+def test_resume_takes_the_runs_flags_and_a_fresh_run_never_overwrites_one(run, tree: Path) -> None:
+    out = Path(run[0]["out_dir"])
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"holds a run \(last.pt, best.pt\), which a fresh run would overwrite"):
+        pretrainer.main(_args(tree, out))
+    with pytest.raises(ValueError, match=r"--lr 0\.02 \(the run's: 0\.01\)"):       # given and different: refused
+        pretrainer.main(_args(tree, out, "--epochs", "3", "--lr", "0.02", "--resume", "auto"))
+    with pytest.raises(ValueError, match="has trained 2 epochs already: nothing to do at --epochs 2"):
+        pretrainer.main(["--data", "imagenet", "--data-root", str(tree), "--out-dir", str(out), "--resume", "auto",
+                         "--epochs", "2"])
+    assert (out / "last.pt").read_bytes() == before

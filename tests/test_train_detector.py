@@ -250,17 +250,56 @@ def test_resume_refuses_incompatible_config(tmp_path):
     root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
     out = tmp_path / "run"
     run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out)])
-    with pytest.raises(ValueError, match=r"width: 0\.0625 in .*, 0\.125 now"):
+    with pytest.raises(ValueError, match=r"last\.pt: resuming with other training flags would not continue the run: --width 0\.125 \(the run's: 0\.0625\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--width", "0.125"])
-    with pytest.raises(ValueError, match="S: 7 in .*, 5 now"):
+    with pytest.raises(ValueError, match=r"-S 5 \(the run's: 7\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "-S", "5"])
-    with pytest.raises(ValueError, match="head_stride: 1 in .*, 2 now"):
+    with pytest.raises(ValueError, match=r"--head-stride 2 \(the run's: 1\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--head-stride", "2"])
     # the optimizer state and the step count fit only the same optimizer and global batch
-    with pytest.raises(ValueError, match=r"last\.pt was trained with .*\n  optimizer: 'adam' in .*, 'sgd' now"):
+    with pytest.raises(ValueError, match=r"--optimizer sgd \(the run's: adam\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--optimizer", "sgd"])
-    with pytest.raises(ValueError, match=r"batch_size: 4 in .*, 2 now"):
+    with pytest.raises(ValueError, match=r"--batch-size 2 \(the run's: 4\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--batch-size", "2"])
+
+
+def test_resume_continues_with_the_runs_own_flags_and_never_overwrites_a_run(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    data = ["--data-root", str(root), "--deterministic"]
+    own = ["--lr", "5e-4", "--warmup-epochs", "0", "--seed", "4"]      # not the recipe's values
+    run([*data, *own, "--epochs", "2", "--out-dir", str(tmp_path / "straight")])
+    out = tmp_path / "run"
+    run([*data, *own, "--epochs", "1", "--out-dir", str(out)])
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"run holds a run \(last.pt, best.pt\), which a fresh run would overwrite: "
+                                         "continue it with --resume auto"):
+        run([*data, "--epochs", "1", "--out-dir", str(out)])
+    with pytest.raises(ValueError, match="last.pt has trained 1 epochs already: nothing to do at --epochs 1"):
+        run([*data, "--epochs", "1", "--out-dir", str(out), "--resume", "auto"])
+    assert (out / "last.pt").read_bytes() == before
+    # what the SIGTERM message says to run: the run's own LR, warm-up and seed, not the recipe's
+    run([*data, "--epochs", "2", "--out-dir", str(out), "--resume", "auto"])
+    assert {k: v for k, v in json.loads((out / "config.json").read_text())["train"].items()
+            if k in ("lr", "warmup_epochs", "seed")} == {"lr": 5e-4, "warmup_epochs": 0, "seed": 4}
+    resumed, straight = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
+    assert all(torch.equal(resumed["model"][k], v) for k, v in straight["model"].items())     # the same run
+    # a folder with best.pt but no last.pt: --resume auto has nothing to resume and must not start over it
+    (out / "last.pt").unlink()
+    with pytest.raises(ValueError, match=r"holds a run \(best.pt\)"):
+        run([*data, "--epochs", "3", "--out-dir", str(out), "--resume", "auto"])
+
+
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path):
+    from utils import RunFolder
+    held = RunFolder(tmp_path / "r", resuming=False)
+    with pytest.raises(ValueError, match=rf"--out-dir .*r is in use by another run \(process {os.getpid()}\)"):
+        RunFolder(tmp_path / "r", resuming=True)
+    held.release()
+    RunFolder(tmp_path / "r", resuming=True).release()                 # free again
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if os.geteuid() != 0:                                              # root writes anywhere
+        with pytest.raises(OSError, match=r"--out-dir .*ro/run: cannot write there"):
+            RunFolder(tmp_path / "ro" / "run", resuming=False)
 
 
 def test_resumed_run_keeps_its_evaluation_history(tmp_path):
@@ -306,7 +345,7 @@ def test_checkpoint_from_before_head_stride_resumes_as_stride_2(tmp_path):
     out = tmp_path / "run"
     run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out), "--head-stride", "2"])
     ckpt = load_checkpoint(out / "last.pt")
-    del ckpt["model_config"]["head_stride"]          # as saved before the field existed
+    del ckpt["model_config"]["head_stride"], ckpt["config"]["head_stride"]     # as saved before the field existed
     save_checkpoint(ckpt, out / "last.pt")
     with pytest.raises(ValueError, match="head_stride: 2 in .*, 1 now"):   # the demo recipe's stride is 1
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto"])
