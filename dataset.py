@@ -76,7 +76,9 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
     class outside ``class_names`` and boxes with ``xmin > xmax`` or ``ymin > ymax`` are skipped
     and reported in the returned list (corners are inclusive: ``xmin == xmax`` is one pixel wide, as
     in the VOC devkit). Files with a DOCTYPE or entity declarations are refused
-    (no entity expansion), as are files that are not well-formed XML: :class:`DataError`.
+    (no entity expansion), as are files that are not well-formed XML, whose root is not
+    ``<annotation>``, whose objects are nested deeper, or with an object of several ``<bndbox>``:
+    :class:`DataError`. An XML namespace is ignored (and reported).
     """
     path = Path(path)
     parser = ET.XMLParser(target=_RefuseDoctype(path))   # the parser sees a DOCTYPE in any encoding (UTF-16 too)
@@ -86,6 +88,15 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
     except ET.ParseError as e:
         raise DataError(f"{path}: malformed XML ({e})") from None
     problems: list[str] = []
+    if root.tag.startswith("{"):     # a namespaced file: the VOC tags are the local names
+        problems.append(f"XML namespace {root.tag[1:].partition('}')[0]} ignored")
+        for el in root.iter():
+            el.tag = el.tag.rpartition("}")[2]
+    if root.tag != "annotation":
+        raise DataError(f"{path}: root element <{root.tag}>, not a VOC <annotation>")
+    if not root.findall("object") and root.find(".//object") is not None:
+        raise DataError(f"{path}: <object> elements nested below <{root.find('.//object/..').tag}>, not directly "
+                        "in <annotation> as VOC writes them")
 
     def num(node: ET.Element | None, tag: str, default: float | None = None) -> float:
         el = node.find(tag) if node is not None else None
@@ -112,6 +123,8 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
         bb = obj.find("bndbox")
         if bb is None:
             raise DataError(f"{path}: object {name!r} has no <bndbox>")
+        if len(obj.findall("bndbox")) > 1:
+            raise DataError(f"{path}: object {name!r} has {len(obj.findall('bndbox'))} <bndbox> elements, not one")
         box = [num(bb, t) for t in ("xmin", "ymin", "xmax", "ymax")]
         if box[0] > box[2] or box[1] > box[3]:
             problems.append(f"degenerate box {box} of {name!r} dropped (xmin > xmax or ymin > ymax)")

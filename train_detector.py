@@ -221,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if args[k] is None:
             args[k] = v
     cfg = TrainConfig(**args)
+    if not 0 <= cfg.seed < 2**31:
+        p.error(f"--seed must be in 0..{2**31 - 1}, got {cfg.seed}")
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
         p.error("--batch-size, --epochs and --lr must be positive")
     if not (0 <= cfg.jitter < 1 and cfg.hsv >= 1):
@@ -458,8 +460,10 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.data == "demo":
         from demo_data import DEMO_CLASSES, make_demo_voc
         demo_root = Path(cfg.data_root or "data/demo")
-        if is_main and (not cfg.data_root or not (demo_root / "VOCdevkit").is_dir()):
-            make_demo_voc(demo_root)   # cached; rebuilt when the generator's version changes
+        # data/demo is cached and rebuilt when the generator's version changes; a --data-root tree is used
+        # as it is, and generated only where there is none (an interrupted generation leaves no VOC2007)
+        if is_main and (not cfg.data_root or not (demo_root / "VOCdevkit" / "VOC2007").is_dir()):
+            make_demo_voc(demo_root)
         if dist.is_initialized():
             dist.barrier()
         data_root, class_names = cfg.data_root or "data/demo", DEMO_CLASSES
@@ -541,8 +545,11 @@ def main(argv: list[str] | None = None) -> dict:
         if list(ckpt["class_names"]) != list(class_names):
             raise ValueError(f"{resume_path} was trained on classes {ckpt['class_names']}, not {list(class_names)}")
         load_weights(model, ckpt["model"], resume_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{resume_path}: its optimizer or LR scheduler state does not fit this run ({e})") from None
         ema_state = ckpt.get("ema")
         state.update(ckpt["state"])
         if "epoch_meter" not in ckpt["state"] and state["step_in_epoch"] and is_main:

@@ -241,9 +241,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {e}. "
-                         "It is corrupt, truncated, or holds objects other than tensors and "
-                         "plain Python data; it will not be loaded unsafely.") from None
+        # torch's own text spans lines and suggests weights_only=False: keep only what names the cause
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(e).splitlines()
+                 if not line.strip().startswith(boilerplate)]
+        cause = f"{type(e).__name__}: {next((line for line in lines if line), '')}".rstrip(".")
+        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {cause[:200]}. It is corrupt, "
+                         "truncated, not a PyTorch checkpoint, or holds objects other than tensors and plain Python "
+                         "data; it will not be loaded unsafely") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt

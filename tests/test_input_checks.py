@@ -39,6 +39,7 @@ def _usage_error(parse, argv, capsys) -> str:
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
     (["--weight-decay", "-1"], "--weight-decay and --clip-grad >= 0"),
     (["--lr-gamma", "0"], "--lr-gamma > 0"),
+    (["--seed", "-1"], "--seed must be in 0..2147483647, got -1"),
 ])
 def test_train_detector_refuses_bad_numbers_before_any_work(argv, message, capsys):
     assert message in _usage_error(train_detector.parse_args, argv, capsys)
@@ -202,3 +203,54 @@ def test_a_batch_batch_norm_cannot_train_on_is_refused_at_start():
     check_batch_norm_batch(yolo(32, batch_norm=True), 32, 2)                   # two values per channel
     check_batch_norm_batch(yolo(32, batch_norm=False), 32, 1)                  # no BatchNorm
     check_batch_norm_batch(yolo(64, batch_norm=True, head_stride=1), 64, 1)    # a 2x2 map at the end
+
+
+def test_a_corrupt_checkpoint_is_named_in_one_line_without_torchs_advice(tmp_path):
+    path = tmp_path / "g.pt"
+    save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(b"garbage" + data[7:])                  # the zip header overwritten
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert message.startswith(f"cannot load checkpoint {path} safely (weights_only=True): ") and "\n" not in message
+    assert "weights_only` set to `False`" not in message and "file an issue" not in message
+
+
+def test_voc_xml_of_another_shape_is_named_not_read_as_background(tmp_path):
+    from dataset import VOC_CLASSES, parse_voc_xml
+    box = "<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox>"
+    obj = f"<object><name>dog</name>{box}</object>"
+    path = tmp_path / "000001.xml"
+    path.write_text(f'<annotation xmlns="http://example.org/voc"><size><width>100</width><height>80</height>'
+                    f'</size>{obj}</annotation>')
+    ann, problems = parse_voc_xml(path, VOC_CLASSES)                  # a namespace: read, and said
+    assert ann.boxes.tolist() == [[1, 2, 30, 40]] and (ann.width, ann.height) == (100, 80)
+    assert problems == ["XML namespace http://example.org/voc ignored"]
+    for text, message in ((f"<annotation><objects>{obj}</objects></annotation>",
+                           "<object> elements nested below <objects>, not directly in <annotation>"),
+                          (f"<annotation><object><name>dog</name>{box}{box}</object></annotation>",
+                           "object 'dog' has 2 <bndbox> elements, not one"),
+                          (f"<voc>{obj}</voc>", "root element <voc>, not a VOC <annotation>")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=f"000001.xml: {message}"):
+            parse_voc_xml(path, VOC_CLASSES)
+    path.write_text(f"<annotation><object><name>person</name>{box}<part><name>head</name>{box}</part></object>"
+                    "</annotation>")                                   # VOC2012's person layout: parts are no objects
+    assert parse_voc_xml(path, VOC_CLASSES)[0].labels.tolist() == [VOC_CLASSES.index("person")]
+
+
+def test_a_demo_data_root_is_used_as_it_is_and_generated_where_there_is_none(tmp_path, monkeypatch):
+    import demo_data
+    root = demo_data.make_demo_imagenet(tmp_path / "in", n_train_per_class=2, n_val_per_class=1)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert pretrainer.resolve_data_root(pretrainer.parse_args(["--data", "demo", "--data-root", str(root)]),
+                                        True) == str(root)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before      # not regenerated
+    calls = []
+    monkeypatch.setattr(demo_data, "make_demo_voc", lambda where: calls.append(Path(where)))
+    (tmp_path / "d" / "VOCdevkit").mkdir(parents=True)       # what an interrupted generation leaves
+    with pytest.raises(ValueError, match="no VOCdevkit/VOC2007"):
+        train_detector.main(["--data", "demo", "--data-root", str(tmp_path / "d"), *TINY, "--out-dir",
+                             str(tmp_path / "run")])
+    assert calls == [tmp_path / "d"]                          # generated there this time
