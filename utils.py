@@ -431,6 +431,9 @@ class RunFolder:
             self._lock.close()
             raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to end "
                              "or give another --out-dir") from None
+        except OSError as e:    # a file system without locks (some network ones): run, but say what is lost
+            warnings.warn(f"--out-dir {path}: cannot lock it ({e.strerror or e}); a second run started in it "
+                          "would not be refused")
         held = [name for name in ("last.pt", "best.pt") if (path / name).exists()]
         if held and not resuming:
             self.release()

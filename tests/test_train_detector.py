@@ -296,6 +296,15 @@ def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path):
         RunFolder(tmp_path / "r", resuming=True)
     held.release()
     RunFolder(tmp_path / "r", resuming=True).release()                 # free again
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    with pytest.MonkeyPatch.context() as m:                            # a network file system without locks
+        m.setattr(fcntl, "flock", no_locks)
+        with pytest.warns(UserWarning, match=r"cannot lock it \(No locks available\); a second run"):
+            RunFolder(tmp_path / "r", resuming=True).release()
     (tmp_path / "ro").mkdir(mode=0o555)
     if os.geteuid() != 0:                                              # root writes anywhere
         with pytest.raises(OSError, match=r"--out-dir .*ro/run: cannot write there"):
