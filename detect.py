@@ -228,10 +228,10 @@ def claim_out_dir(out_dir: str, name: str) -> Path:
             path, k = base.with_name(f"{base.name}-{k}"), k + 1
 
 
-def refuse_to_overwrite_inputs(files: Sequence[Path], out_dir: str, grid: str) -> None:
+def refuse_to_overwrite_inputs(files: Sequence[Path], out_dir: str, grid: str, save_images: bool = True) -> None:
     """``ValueError`` when the outputs could land on an input image: an ``--out-dir`` that holds one
-    (the drawn copies take the inputs' names) or a ``--grid`` file that is one."""
-    if out_dir and Path(out_dir).is_dir():
+    when drawn images are written (they take the inputs' names), or a ``--grid`` file that is one."""
+    if save_images and out_dir and Path(out_dir).is_dir():
         folder = Path(out_dir).resolve()
         inside = [f for f in files if f.resolve().parent in (folder, folder / "labels")]
         if inside:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = prepare_for_inference(model, device, args.channels_last, args.amp, args.batch_size if args.compile else 0)
     classes = parse_classes(args.classes, class_names)
     name = args.name or Path(args.checkpoint).resolve().parent.name or "exp"
-    refuse_to_overwrite_inputs(files, args.out_dir, args.grid)
+    refuse_to_overwrite_inputs(files, args.out_dir, args.grid, args.save_images)
     out_dir = claim_out_dir(args.out_dir, name)
     if args.save_txt:
         (out_dir / "labels").mkdir(exist_ok=True)

@@ -339,8 +339,11 @@ def write_json(path: str | Path, summary: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_nan_to_none(summary), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)      # whole or not at all
+    try:
+        tmp.write_text(json.dumps(_nan_to_none(summary), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)      # whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_results_dir(path: Path, class_names: Sequence[str], split: str, prefix: str) -> None:

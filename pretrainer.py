@@ -66,11 +66,12 @@ RECIPES = {
 }
 MODEL_KEYS = ("C", "variant", "batch_norm", "width")   # what a resumed checkpoint must match
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "model_config", "class_names", "rng")
-# Flags a resumed run may take from the command line; the others are the run's (utils.resume_config).
+# On resume (utils.resume_config) a flag left out is the run's; one given may differ from the run's only
+# among these; and these follow the command line, given or not.
 RESUME_MAY_CHANGE = ("epochs", "data_root", "val_solution", "devkit_gt", "devkit_synsets", "synset_mapping",
-                     "prepare_val", "resume", "out_dir", "device", "workers", "threads", "amp", "compile",
-                     "channels_last", "gpu_decode", "deterministic", "save_every_steps", "max_bad_steps",
-                     "log_interval", "preview_images", "check_data", "evaluate")
+                     "workers", "threads", "amp", "compile", "channels_last", "gpu_decode", "deterministic",
+                     "save_every_steps", "max_bad_steps", "log_interval", "preview_images")
+RESUME_COMMAND_ONLY = ("resume", "out_dir", "device", "check_data", "evaluate", "prepare_val")
 
 
 @dataclass
@@ -502,17 +503,9 @@ def run_evaluate(cfg: PretrainConfig, rank: int, world: int, device: torch.devic
     return {**val, "checkpoint": cfg.evaluate, "exit_code": 0}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
-    if cfg.prepare_val:
-        return run_prepare_val(cfg)
-
-    # ---- processes, device, seed
-    rank, world, local_rank, device = setup_distributed(cfg.device)
-    is_main = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
-    seed_everything(cfg.seed + rank, cfg.deterministic)
+def configure_compute(cfg: PretrainConfig, device: torch.device, world: int) -> None:
+    """CPU: compute threads (leaving a core to each loader process) and glibc's memory reuse; CUDA:
+    cuDNN autotuning (unless --deterministic) and TF32."""
     if device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(cfg.threads or max(1, cores // world - cfg.workers))
@@ -520,17 +513,29 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    if cfg.prepare_val:
+        return run_prepare_val(cfg)
+
+    # ---- processes and device
+    rank, world, local_rank, device = setup_distributed(cfg.device)
+    is_main = rank == 0
     if cfg.evaluate:
+        seed_everything(cfg.seed + rank, cfg.deterministic)
+        configure_compute(cfg, device, world)
         return run_evaluate(cfg, rank, world, device)
 
-    # ---- run folder
+    # ---- run folder, and a resumed run's own flags (everything below is built from them)
     base = Path(cfg.out_dir or f"runs/pretrainer/{cfg.data}")
     if not cfg.out_dir and cfg.resume not in ("", "auto"):
         base = Path(cfg.resume).parent   # continue in the resumed run's folder
     out_dir = base
     if not cfg.out_dir and not cfg.resume:
         k = 2
-        while (out_dir / "last.pt").exists() or (out_dir / "best.pt").exists():
+        while RunFolder.taken(out_dir):
             out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
     out_dir = Path(all_gather_objects(str(out_dir))[0])
     if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
@@ -541,11 +546,20 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = load_checkpoint(resume_path)
         require_checkpoint(ckpt, resume_path, "pretrainer.py", RESUME_KEYS)
         cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv), RESUME_MAY_CHANGE,
-                            str(resume_path))
+                            RESUME_COMMAND_ONLY, str(resume_path))
         if ckpt["state"]["epoch"] >= cfg.epochs:
             raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
                              f"--epochs {cfg.epochs}; give more epochs to train it further")
     run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
+
+    # ---- batch, seed, threads
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
+    seed_everything(cfg.seed + rank, cfg.deterministic)
+    configure_compute(cfg, device, world)
+    check_batch_norm_batch(lambda: Classifier(YoloConfig(C=1, image_size=cfg.image_size, variant=cfg.variant,
+                                                         width=cfg.width, batch_norm=cfg.batch_norm), 1),
+                           cfg.image_size, cfg.batch_size // world)
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),
@@ -587,7 +601,6 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model, optimizer, schedule
     model_cfg = YoloConfig(C=len(class_names), image_size=cfg.image_size, variant=cfg.variant,
                            batch_norm=cfg.batch_norm, width=cfg.width)
-    check_batch_norm_batch(lambda: Classifier(model_cfg, len(class_names)), cfg.image_size, per_proc)
     model = Classifier(model_cfg, len(class_names)).to(device)
     if cfg.channels_last:
         to_channels_last(model)   # the images stay NCHW (see to_channels_last)

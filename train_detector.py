@@ -59,11 +59,12 @@ RECIPES = {
 }
 MODEL_KEYS = ("S", "B", "C", "image_size", "variant", "batch_norm", "width", "fc_dim", "head_stride")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "model_config", "class_names", "rng")
-# Flags a resumed run may take from the command line; the others are the run's (utils.resume_config).
-RESUME_MAY_CHANGE = ("epochs", "data_root", "val_set", "resume", "out_dir", "device", "workers", "amp", "compile",
-                     "channels_last", "gpu_decode", "cache_images", "deterministic", "eval_interval", "conf_threshold",
-                     "nms_iou", "max_det", "save_every_steps", "max_bad_steps", "log_interval", "tb_images",
-                     "check_data", "backbone")
+# On resume (utils.resume_config) a flag left out is the run's; one given may differ from the run's only
+# among these; and these follow the command line, given or not.
+RESUME_MAY_CHANGE = ("epochs", "data_root", "val_set", "workers", "amp", "compile", "channels_last", "gpu_decode",
+                     "cache_images", "deterministic", "eval_interval", "conf_threshold", "nms_iou", "max_det",
+                     "save_every_steps", "max_bad_steps", "log_interval", "tb_images", "backbone")
+RESUME_COMMAND_ONLY = ("resume", "out_dir", "device", "check_data")
 
 
 @dataclass
@@ -415,9 +416,35 @@ def evaluate(model, loader, dataset: VOCDetection, cfg: TrainConfig, model_cfg: 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
 
-    # ---- processes, device, seed
+    # ---- processes and device
     rank, world, local_rank, device = setup_distributed(cfg.device)
     is_main = rank == 0
+
+    # ---- run folder, and a resumed run's own flags (everything below is built from them)
+    base = Path(cfg.out_dir or f"runs/detector/{cfg.data}")
+    if not cfg.out_dir and cfg.resume not in ("", "auto"):
+        base = Path(cfg.resume).parent          # continue in the resumed run's folder
+    out_dir = base
+    if not cfg.out_dir and cfg.resume != "auto" and not cfg.resume:
+        k = 2
+        while RunFolder.taken(out_dir):
+            out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
+    out_dir = Path(all_gather_objects(str(out_dir))[0])
+    if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
+        raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
+    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    ckpt = None
+    if resume_path and (resume_path.exists() or cfg.resume != "auto"):   # the run's flags, before anything is built
+        ckpt = load_checkpoint(resume_path)
+        require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
+        cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv),
+                            RESUME_MAY_CHANGE, RESUME_COMMAND_ONLY, str(resume_path))
+        if ckpt["state"]["epoch"] >= cfg.epochs:
+            raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
+                             f"--epochs {cfg.epochs}; give more epochs to train it further")
+    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
+
+    # ---- batch, seed, threads, precision
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
     seed_everything(cfg.seed + rank, cfg.deterministic)
@@ -431,30 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- run folder
-    base = Path(cfg.out_dir or f"runs/detector/{cfg.data}")
-    if not cfg.out_dir and cfg.resume not in ("", "auto"):
-        base = Path(cfg.resume).parent          # continue in the resumed run's folder
-    out_dir = base
-    if not cfg.out_dir and cfg.resume != "auto" and not cfg.resume:
-        k = 2
-        while (out_dir / "last.pt").exists() or (out_dir / "best.pt").exists():
-            out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
-    out_dir = Path(all_gather_objects(str(out_dir))[0])
-    if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
-        raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
-    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-    ckpt = None
-    if resume_path and (resume_path.exists() or cfg.resume != "auto"):   # the run's flags, before anything is built
-        ckpt = load_checkpoint(resume_path)
-        require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
-        cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv),
-                            RESUME_MAY_CHANGE, str(resume_path))
-        if ckpt["state"]["epoch"] >= cfg.epochs:
-            raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
-                             f"--epochs {cfg.epochs}; give more epochs to train it further")
-    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
+    check_batch_norm_batch(lambda: YOLOv1(model_config(cfg, C=20)), cfg.image_size, cfg.batch_size // world)
 
     # ---- data
     if cfg.data == "demo":
@@ -511,7 +515,6 @@ def main(argv: list[str] | None = None) -> dict:
                             generator=torch.Generator(), **loader_kw)
 
     # ---- model, loss, optimizer, schedule
-    check_batch_norm_batch(lambda: YOLOv1(model_cfg), model_cfg.image_size, per_proc)
     model = YOLOv1(model_cfg).to(device)
     if cfg.backbone and ckpt is None:    # (a resumed run has its weights in its checkpoint)
         backbone = load_checkpoint(cfg.backbone)

@@ -14,6 +14,7 @@ import argparse
 import copy
 import ctypes
 import dataclasses
+import errno
 import fcntl
 import functools
 import math
@@ -378,31 +379,35 @@ def run_cli(main: Callable[[], Any]) -> Any:
         sys.exit(1)
 
 
-def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The destinations of the flags ``argv`` gives (rather than leaving them at their defaults):
-    ``parser`` (a fresh one; it is changed) parses ``argv`` again with every default suppressed.
-    (Through ``_actions``: ``set_defaults(dest=SUPPRESS)`` would put the marker in the namespace.)"""
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict[str, str]:
+    """``{destination: its flags}`` for the flags ``argv`` gives (rather than leaving them at their
+    defaults), e.g. ``{"augment": "--no-augment", "amp": "--amp/--no-amp"}``: ``parser`` (a fresh
+    one; it is changed) parses ``argv`` again with every default suppressed. (Through ``_actions``:
+    ``set_defaults(dest=SUPPRESS)`` would put the marker itself in the namespace.)"""
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    names = {a.dest: "/".join(a.option_strings) for a in parser._actions}
+    return {dest: names[dest] for dest in vars(parser.parse_args(argv))}
 
 
-def resume_config(cfg: Any, saved: dict[str, Any], given: set[str], may_change: tuple[str, ...], source: str) -> Any:
+def resume_config(cfg: Any, saved: dict[str, Any], given: dict[str, str], may_change: tuple[str, ...],
+                  command_only: tuple[str, ...], source: str) -> Any:
     """The config a resumed run continues with (``cfg`` a config dataclass, ``saved`` the one in the
-    checkpoint): a training flag the command line leaves unset takes the checkpoint's value, so that
-    ``--resume auto --out-dir RUN`` continues RUN as it was started, and one the command line gives
-    with another value is refused, naming both (the optimizer state, the LR schedule, the data order
-    and the step count fit only what they were made with). The flags in ``may_change`` (epochs,
-    device, workers, intervals, evaluation settings ...) follow the command line."""
+    checkpoint, ``given`` what :func:`given_flags` found on the command line): every flag the command
+    leaves out is the checkpoint's, so that ``--resume auto --out-dir RUN`` alone continues RUN as it
+    was started (epochs, data folder and all). A flag the command gives with another value is taken
+    if it is in ``may_change`` (epochs to train further, the data folder, device, workers, intervals,
+    evaluation settings ...) and refused otherwise, naming both values (the optimizer state, the LR
+    schedule, the data order and the step count fit only what they were made with). The flags in
+    ``command_only`` (where to write, which task) always follow the command line."""
     changes, conflicts = {}, []
     for key, old in saved.items():
-        if key in may_change or not hasattr(cfg, key) or _to_plain(getattr(cfg, key)) == _to_plain(old):
+        if key in command_only or not hasattr(cfg, key) or _to_plain(getattr(cfg, key)) == _to_plain(old):
             continue
-        if key in given:
-            flag = f"-{key}" if len(key) == 1 else f"--{key.replace('_', '-')}"
-            conflicts.append(f"{flag} {getattr(cfg, key)} (the run's: {old})")
-        else:
+        if key not in given:
             changes[key] = old
+        elif key not in may_change:
+            conflicts.append(f"{given[key]}: {key}={getattr(cfg, key)} (the run's: {old})")
     if conflicts:
         raise ValueError(f"{source}: resuming with other training flags would not continue the run: "
                          f"{'; '.join(conflicts)}. Leave them out (the run's own values are used) or start a new run")
@@ -412,39 +417,53 @@ def resume_config(cfg: Any, saved: dict[str, Any], given: set[str], may_change: 
 class RunFolder:
     """A run folder held by this process: created (a folder that cannot be written is found before
     any work), refused when it already holds a run's checkpoints and this is not a resume (a fresh
-    run would overwrite them), and locked while the process lives (``flock`` on ``.lock``, released
-    by the OS even if the process is killed): a second run started in it is refused, where the two
-    would take turns writing its checkpoints."""
+    run would overwrite them), and locked while the process lives: a second run started in it is
+    refused, where the two would take turns writing its checkpoints. The lock is a POSIX record lock
+    (``lockf`` on ``.lock``): it belongs to this process, not to the loader workers it forks, and the
+    OS drops it the moment the process ends, killed or not. (Within one process it does not exclude:
+    a notebook may call ``main`` again after a failed run.)"""
 
     def __init__(self, path: Path, resuming: bool):
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
-            self._lock = open(path / ".lock", "a+")
+            self._lock = open(path / LOCK_NAME, "a+")
         except OSError as e:
             raise OSError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "unknown"
-            self._lock.close()
-            raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to end "
-                             "or give another --out-dir") from None
-        except OSError as e:    # a file system without locks (some network ones): run, but say what is lost
-            warnings.warn(f"--out-dir {path}: cannot lock it ({e.strerror or e}); a second run started in it "
-                          "would not be refused")
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):   # a file system without locks (some network ones)
+                warnings.warn(f"--out-dir {path}: cannot lock it ({e.strerror or e}); a second run started in it "
+                              "would not be refused")
+            else:
+                self._lock.seek(0)
+                holder = self._lock.read().strip() or "unknown"
+                self._lock.close()
+                raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to "
+                                 "end or give another --out-dir") from None
         held = [name for name in ("last.pt", "best.pt") if (path / name).exists()]
         if held and not resuming:
             self.release()
+            advice = ("continue it with --resume auto" if "last.pt" in held else
+                      f"there is no last.pt to resume; continue from the best epoch with --resume {path / 'best.pt'}")
             raise ValueError(f"--out-dir {path} holds a run ({', '.join(held)}), which a fresh run would overwrite: "
-                             f"continue it with --resume auto, or give another --out-dir")
-        self._lock.truncate(0)
+                             f"{advice}, or give another --out-dir")
+        self._lock.seek(0)
+        self._lock.truncate()
         self._lock.write(f"{os.getpid()}\n")
         self._lock.flush()
 
+    @staticmethod
+    def taken(path: Path) -> bool:
+        """Whether a default run folder is taken: it holds a run's checkpoints or has held a run."""
+        return any((path / name).exists() for name in ("last.pt", "best.pt", LOCK_NAME))
+
     def release(self) -> None:
         self._lock.close()     # closing the file drops the lock
+
+
+LOCK_NAME = ".lock"
 
 
 def finite_float(text: str) -> float:
@@ -468,6 +487,8 @@ def check_batch_norm_batch(build: Callable[[], torch.nn.Module], image_size: int
     try:
         model(torch.empty(per_process, 3, image_size, image_size, device="meta"))
     except ValueError as e:
+        if "value per channel" not in str(e):
+            raise
         raise ValueError(f"--batch-size gives {per_process} image per process, and at --image-size {image_size} "
                          f"BatchNorm then sees one value per channel ({e}): give a larger --batch-size or "
                          "--image-size") from None

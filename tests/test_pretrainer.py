@@ -418,7 +418,7 @@ def test_resume_takes_the_runs_flags_and_a_fresh_run_never_overwrites_one(run, t
     before = (out / "last.pt").read_bytes()
     with pytest.raises(ValueError, match=r"holds a run \(last.pt, best.pt\), which a fresh run would overwrite"):
         pretrainer.main(_args(tree, out))
-    with pytest.raises(ValueError, match=r"--lr 0\.02 \(the run's: 0\.01\)"):       # given and different: refused
+    with pytest.raises(ValueError, match=r"--lr: lr=0\.02 \(the run's: 0\.01\)"):       # given and different: refused
         pretrainer.main(_args(tree, out, "--epochs", "3", "--lr", "0.02", "--resume", "auto"))
     with pytest.raises(ValueError, match="has trained 2 epochs already: nothing to do at --epochs 2"):
         pretrainer.main(["--data", "imagenet", "--data-root", str(tree), "--out-dir", str(out), "--resume", "auto",

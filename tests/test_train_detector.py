@@ -250,16 +250,17 @@ def test_resume_refuses_incompatible_config(tmp_path):
     root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
     out = tmp_path / "run"
     run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out)])
-    with pytest.raises(ValueError, match=r"last\.pt: resuming with other training flags would not continue the run: --width 0\.125 \(the run's: 0\.0625\)"):
+    with pytest.raises(ValueError, match=r"last\.pt: resuming with other training flags would not continue the run: "
+                                         r"--width: width=0\.125 \(the run's: 0\.0625\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--width", "0.125"])
-    with pytest.raises(ValueError, match=r"-S 5 \(the run's: 7\)"):
+    with pytest.raises(ValueError, match=r"-S: S=5 \(the run's: 7\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "-S", "5"])
-    with pytest.raises(ValueError, match=r"--head-stride 2 \(the run's: 1\)"):
+    with pytest.raises(ValueError, match=r"--head-stride: head_stride=2 \(the run's: 1\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--head-stride", "2"])
     # the optimizer state and the step count fit only the same optimizer and global batch
-    with pytest.raises(ValueError, match=r"--optimizer sgd \(the run's: adam\)"):
+    with pytest.raises(ValueError, match=r"--optimizer: optimizer=sgd \(the run's: adam\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--optimizer", "sgd"])
-    with pytest.raises(ValueError, match=r"--batch-size 2 \(the run's: 4\)"):
+    with pytest.raises(ValueError, match=r"--batch-size: batch_size=2 \(the run's: 4\)"):
         run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto", "--batch-size", "2"])
 
 
@@ -283,28 +284,59 @@ def test_resume_continues_with_the_runs_own_flags_and_never_overwrites_a_run(tmp
             if k in ("lr", "warmup_epochs", "seed")} == {"lr": 5e-4, "warmup_epochs": 0, "seed": 4}
     resumed, straight = load_checkpoint(out / "last.pt"), load_checkpoint(tmp_path / "straight" / "last.pt")
     assert all(torch.equal(resumed["model"][k], v) for k, v in straight["model"].items())     # the same run
+    # nothing but where the run is: its epochs, data folder, sizes and workers too, not the recipe's
+    with pytest.raises(ValueError, match="last.pt has trained 2 epochs already: nothing to do at --epochs 2"):
+        train_detector.main(["--resume", "auto", "--out-dir", str(out)])
+    train_detector.main(["--resume", "auto", "--out-dir", str(out), "--epochs", "3"])
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert (saved["data_root"], saved["image_size"], saved["width"], saved["workers"]) == (str(root), 64, 0.0625, 0)
     # a folder with best.pt but no last.pt: --resume auto has nothing to resume and must not start over it
     (out / "last.pt").unlink()
     with pytest.raises(ValueError, match=r"holds a run \(best.pt\)"):
         run([*data, "--epochs", "3", "--out-dir", str(out), "--resume", "auto"])
 
 
-def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path):
+def test_a_run_folder_is_held_by_one_run_at_a_time_and_freed_when_it_is_killed(tmp_path):
     from utils import RunFolder
-    held = RunFolder(tmp_path / "r", resuming=False)
-    with pytest.raises(ValueError, match=rf"--out-dir .*r is in use by another run \(process {os.getpid()}\)"):
-        RunFolder(tmp_path / "r", resuming=True)
-    held.release()
-    RunFolder(tmp_path / "r", resuming=True).release()                 # free again
+    holder = f"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from utils import RunFolder
+held = RunFolder(Path({str(tmp_path / "r")!r}), resuming=False)
+child = os.fork()
+if child == 0:       # a loader worker: it inherits the lock file's descriptor and outlives its parent
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(ValueError, match=rf"--out-dir .*r is in use by another run \(process {proc.pid}\)"):
+            RunFolder(tmp_path / "r", resuming=True)
+        proc.kill()
+        proc.wait()
+        RunFolder(tmp_path / "r", resuming=True).release()      # free at once, though the worker lives on
+        assert RunFolder.taken(tmp_path / "r") and not RunFolder.taken(tmp_path / "new")   # for default folders
+    finally:
+        proc.kill()
+        os.kill(child, signal.SIGKILL)
     import errno
     import fcntl
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")
     with pytest.MonkeyPatch.context() as m:                            # a network file system without locks
-        m.setattr(fcntl, "flock", no_locks)
+        m.setattr(fcntl, "lockf", no_locks)
         with pytest.warns(UserWarning, match=r"cannot lock it \(No locks available\); a second run"):
             RunFolder(tmp_path / "r", resuming=True).release()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "best.pt").write_bytes(b"")                      # best.pt alone: nothing to --resume auto
+    with pytest.raises(ValueError, match=r"holds a run \(best.pt\), which a fresh run would overwrite: there is no "
+                                         r"last.pt to resume; continue from the best epoch with --resume .*best.pt"):
+        RunFolder(tmp_path / "b", resuming=False)
     (tmp_path / "ro").mkdir(mode=0o555)
     if os.geteuid() != 0:                                              # root writes anywhere
         with pytest.raises(OSError, match=r"--out-dir .*ro/run: cannot write there"):
