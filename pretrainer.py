@@ -3,7 +3,7 @@
     python pretrainer.py --data demo                                       # CPU demo, minutes
     python pretrainer.py --data imagenet --data-root ~/data/imagenet       # train/ and val/ inside
     torchrun --nproc-per-node=8 pretrainer.py --data imagenet --data-root ~/data/imagenet
-    python pretrainer.py --prepare-val --data-root ~/data/imagenet         # flat val/ -> val/<wnid>/
+    python pretrainer.py --data imagenet --prepare-val --data-root ~/data/imagenet   # flat val/ -> val/<wnid>/
     python pretrainer.py --data imagenet --data-root ~/data/imagenet --check-data   # list unreadable images
     python pretrainer.py --data imagenet --data-root ~/data/imagenet --evaluate runs/pretrainer/imagenet/best.pt
     python train_detector.py --data voc --data-root ~/data --backbone runs/pretrainer/imagenet/best.pt
@@ -229,6 +229,10 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         p.error(f"--min-scale must be in (0, 1], got {cfg.min_scale}")
     if any(s <= 0 for s in cfg.std):
         p.error(f"--std must be positive, got {cfg.std}")
+    try:   # the model flags, checked now rather than after the data is read
+        YoloConfig(C=1, image_size=cfg.image_size, variant=cfg.variant, width=cfg.width, batch_norm=cfg.batch_norm)
+    except ValueError as e:
+        p.error(f"model flags (--image-size, --variant, --width): {e}")
     if (cfg.workers is not None and cfg.workers < 0) or cfg.threads < 0:
         p.error(f"--workers and --threads must be >= 0, got {cfg.workers} and {cfg.threads}")
     if not (0 <= cfg.momentum < 1 and cfg.weight_decay >= 0 and cfg.lr_gamma > 0 and cfg.clip_grad >= 0):
@@ -550,7 +554,6 @@ def main(argv: list[str] | None = None) -> dict:
         if ckpt["state"]["epoch"] >= cfg.epochs:
             raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
                              f"--epochs {cfg.epochs}; give more epochs to train it further")
-    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
 
     # ---- batch, seed, threads
     if cfg.batch_size % world:
@@ -560,6 +563,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_batch_norm_batch(lambda: Classifier(YoloConfig(C=1, image_size=cfg.image_size, variant=cfg.variant,
                                                          width=cfg.width, batch_norm=cfg.batch_norm), 1),
                            cfg.image_size, cfg.batch_size // world)
+    # the folder is claimed once the cheap checks have passed (data errors come later: a start that fails
+    # there leaves a free folder, RunFolder.taken)
+    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),

@@ -442,7 +442,6 @@ def main(argv: list[str] | None = None) -> dict:
         if ckpt["state"]["epoch"] >= cfg.epochs:
             raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
                              f"--epochs {cfg.epochs}; give more epochs to train it further")
-    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
 
     # ---- batch, seed, threads, precision
     if cfg.batch_size % world:
@@ -459,6 +458,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     check_batch_norm_batch(lambda: YOLOv1(model_config(cfg, C=20)), cfg.image_size, cfg.batch_size // world)
+    # the folder is claimed once the cheap checks have passed (data errors come later: a start that fails
+    # there leaves a free folder, RunFolder.taken)
+    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
 
     # ---- data
     if cfg.data == "demo":

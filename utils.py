@@ -456,8 +456,16 @@ class RunFolder:
 
     @staticmethod
     def taken(path: Path) -> bool:
-        """Whether a default run folder is taken: it holds a run's checkpoints or has held a run."""
-        return any((path / name).exists() for name in ("last.pt", "best.pt", LOCK_NAME))
+        """Whether a default run folder is taken: it holds a run's checkpoints, or a run holds it now
+        (a folder left by a start that failed before its first checkpoint is free)."""
+        if (path / "last.pt").exists() or (path / "best.pt").exists():
+            return True
+        try:
+            with open(path / LOCK_NAME, "a") as f:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)    # dropped again when f closes
+        except OSError as e:
+            return e.errno in (errno.EACCES, errno.EAGAIN)        # held; missing or lock-less: free
+        return False
 
     def release(self) -> None:
         self._lock.close()     # closing the file drops the lock

@@ -316,10 +316,11 @@ time.sleep(60)
     try:
         with pytest.raises(ValueError, match=rf"--out-dir .*r is in use by another run \(process {proc.pid}\)"):
             RunFolder(tmp_path / "r", resuming=True)
+        assert RunFolder.taken(tmp_path / "r")                   # a default run folder skips it
         proc.kill()
         proc.wait()
+        assert not RunFolder.taken(tmp_path / "r") and not RunFolder.taken(tmp_path / "new")
         RunFolder(tmp_path / "r", resuming=True).release()      # free at once, though the worker lives on
-        assert RunFolder.taken(tmp_path / "r") and not RunFolder.taken(tmp_path / "new")   # for default folders
     finally:
         proc.kill()
         os.kill(child, signal.SIGKILL)
@@ -334,6 +335,7 @@ time.sleep(60)
             RunFolder(tmp_path / "r", resuming=True).release()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "best.pt").write_bytes(b"")                      # best.pt alone: nothing to --resume auto
+    assert RunFolder.taken(tmp_path / "b")
     with pytest.raises(ValueError, match=r"holds a run \(best.pt\), which a fresh run would overwrite: there is no "
                                          r"last.pt to resume; continue from the best epoch with --resume .*best.pt"):
         RunFolder(tmp_path / "b", resuming=False)
