@@ -1226,6 +1226,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sections = only or [s for s in SECTIONS if s != "compile" or args.compile]
     if args.json and (Path(args.json).is_dir() or (blocker := not_a_folder(Path(args.json).parent))):
         p.error(f"--json {args.json}: {'a folder' if Path(args.json).is_dir() else f'{blocker} is a file'}")
+    if args.json and Path(args.json).exists() and Path(args.json).suffix.lower() != ".json":
+        p.error(f"--json {args.json} exists and is not a .json file: refusing to overwrite it")
+    if min(args.steps, args.det_batch, args.cls_batch, args.time_budget) < 0 or args.workers < -1:
+        p.error("--steps, --det-batch, --cls-batch and --time-budget must be >= 0 (0: the default), --workers >= -1")
+    if args.width and not 0 < args.width <= 4:
+        p.error(f"--width must be in (0, 4], got {args.width}")
     return args
 
 

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)      # mkstemp's 0600 otherwise: the file gets the permissions of any other output
     try:
         from onnx.checker import ValidationError
         try:

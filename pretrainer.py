@@ -217,6 +217,9 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
         if k in args and args[k] is None:
             args[k] = v
     cfg = PretrainConfig(**args)
+    # paths as absolute ones: the config saved in every checkpoint must name the same files from any folder
+    for key in ("data_root", "val_solution", "devkit_gt", "devkit_synsets", "synset_mapping"):
+        setattr(cfg, key, os.path.abspath(getattr(cfg, key)) if getattr(cfg, key) else "")
     if sum(map(bool, (cfg.prepare_val, cfg.check_data, cfg.evaluate))) > 1:
         p.error("--prepare-val, --check-data and --evaluate are separate tasks: give one of them")
     if not 0 <= cfg.seed < 2**31:
@@ -299,7 +302,7 @@ RECORD = ("loss", "grad_norm", "correct", "finite", "stepped")   # what train_st
 
 def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainConfig, state: dict, device,
                     writer, is_main: bool, checkpoint_fn, steps_per_epoch: int, stopper: GracefulStop,
-                    bn_buffers: list[Tensor]) -> dict:
+                    bn_buffers: list[Tensor], min_images: int = 1) -> dict:
     """One pass over the training loader (from ``state['step_in_epoch']``); returns mean loss and
     top-1 (%) of the epoch's finite steps (summed in ``state``, so a mid-epoch resume keeps them).
     Non-finite steps never change the weights (nor the BatchNorm statistics): they are counted,
@@ -347,15 +350,18 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
-        # all-reduce). A process left with no image makes every process skip the step (DDP needs all of
-        # them in each backward); the step still counts, so that the LR schedule and a resume stay aligned.
-        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)])
+        # all-reduce). A process left with no image (or one, where BatchNorm needs two: min_images) makes
+        # every process skip the step (DDP needs all of them in each backward); the step still counts, so
+        # that the LR schedule and a resume stay aligned.
+        dropped, short = sum_over_ranks([per_proc - n, float(n < min_images)])
         state["skipped_images"] += int(dropped)
         read = None
-        if empty:
+        if short:
             if is_main:
-                tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the warnings "
-                           f"above); step skipped by every process ({state['skipped_images']} images skipped so far)")
+                left = "no readable image" if min_images == 1 else "under 2 readable images (BatchNorm needs 2 here)"
+                tqdm.write(f"step {state['step'] + 1}: {left} "
+                           f"left in a process's batch (see the warnings above); step skipped by every process "
+                           f"({state['skipped_images']} images skipped so far)")
         else:
             read = start_host_read(train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params,
                                               bn_buffers, backup))
@@ -560,12 +566,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {world} processes")
     seed_everything(cfg.seed + rank, cfg.deterministic)
     configure_compute(cfg, device, world)
-    check_batch_norm_batch(lambda: Classifier(YoloConfig(C=1, image_size=cfg.image_size, variant=cfg.variant,
-                                                         width=cfg.width, batch_norm=cfg.batch_norm), 1),
-                           cfg.image_size, cfg.batch_size // world)
+    min_images = check_batch_norm_batch(
+        lambda: Classifier(YoloConfig(C=1, image_size=cfg.image_size, variant=cfg.variant, width=cfg.width,
+                                      batch_norm=cfg.batch_norm), 1), cfg.image_size, cfg.batch_size // world)
     # the folder is claimed once the cheap checks have passed (data errors come later: a start that fails
     # there leaves a free folder, RunFolder.taken)
-    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
+    claim = is_main and not cfg.check_data
+    run_folder = RunFolder(out_dir, resume_path if ckpt is not None else None) if claim else None
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),
@@ -695,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
                                       **train_loader_kw)
             train = train_one_epoch(model, optimizer, scheduler, scaler, train_loader, cfg, state, device, writer,
-                                    is_main, checkpoint, steps_per_epoch, stopper, bn_buffers)
+                                    is_main, checkpoint, steps_per_epoch, stopper, bn_buffers, min_images)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written
                 break
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0

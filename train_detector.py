@@ -222,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if args[k] is None:
             args[k] = v
     cfg = TrainConfig(**args)
+    # paths as absolute ones: the config saved in every checkpoint must name the same files from any folder
+    cfg.data_root, cfg.backbone = (os.path.abspath(x) if x else "" for x in (cfg.data_root, cfg.backbone))
     if not 0 <= cfg.seed < 2**31:
         p.error(f"--seed must be in 0..{2**31 - 1}, got {cfg.seed}")
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.lr <= 0:
@@ -309,7 +311,7 @@ RECORD = ("total", "coord", "obj", "noobj", "cls", "grad_norm", "finite", "stepp
 
 def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg: TrainConfig, state: dict, device,
                     writer, is_main: bool, checkpoint_fn, steps_per_epoch: int, stopper: GracefulStop,
-                    log_file=None, ema: ModelEMA | None = None) -> dict:
+                    log_file=None, ema: ModelEMA | None = None, min_images: int = 1) -> dict:
     """One pass over ``loader``. A step whose loss or gradient is not finite changes nothing (weights,
     optimizer state, BatchNorm statistics and the weight average ``ema`` are left as they were); it
     is logged and counted, and ``cfg.max_bad_steps`` of them in a row stop the run. Returns the
@@ -357,16 +359,18 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
         # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
-        # all-reduce). A process left with no image makes every process skip the step (DDP needs all
-        # of them in each backward); the step still counts, so the LR schedule and a resume stay aligned.
-        dropped, empty = sum_over_ranks([per_proc - n, float(n == 0)])
+        # all-reduce). A process left with no image (or one, where BatchNorm needs two: min_images) makes
+        # every process skip the step (DDP needs all of them in each backward); the step still counts, so
+        # the LR schedule and a resume stay aligned.
+        dropped, short = sum_over_ranks([per_proc - n, float(n < min_images)])
         state["skipped_images"] += int(dropped)
         read = None
-        if empty:
+        if short:
             if is_main:
-                tqdm.write(f"step {state['step'] + 1}: no readable image left in a process's batch (see the "
-                           f"warnings above); step skipped by every process ({state['skipped_images']} images "
-                           "skipped so far)")
+                left = "no readable image" if min_images == 1 else "under 2 readable images (BatchNorm needs 2 here)"
+                tqdm.write(f"step {state['step'] + 1}: {left} "
+                           f"left in a process's batch (see the warnings above); step skipped by every process "
+                           f"({state['skipped_images']} images skipped so far)")
         else:
             record, stepped = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
             read = start_host_read(record)
@@ -457,10 +461,12 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    check_batch_norm_batch(lambda: YOLOv1(model_config(cfg, C=20)), cfg.image_size, cfg.batch_size // world)
+    min_images = check_batch_norm_batch(lambda: YOLOv1(model_config(cfg, C=20)), cfg.image_size,
+                                        cfg.batch_size // world)
     # the folder is claimed once the cheap checks have passed (data errors come later: a start that fails
     # there leaves a free folder, RunFolder.taken)
-    run_folder = RunFolder(out_dir, resuming=ckpt is not None) if is_main and not cfg.check_data else None
+    claim = is_main and not cfg.check_data
+    run_folder = RunFolder(out_dir, resume_path if ckpt is not None else None) if claim else None
 
     # ---- data
     if cfg.data == "demo":
@@ -621,7 +627,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
                                       **train_loader_kw)
             losses = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, cfg, state, device,
-                                     writer, is_main, checkpoint, steps_per_epoch, stopper, log_file, ema)
+                                     writer, is_main, checkpoint, steps_per_epoch, stopper, log_file, ema,
+                                     min_images)
             if stopper.requested():   # one decision for all processes (a signal may land on one between checks)
                 checkpoint("last.pt")
                 if is_main:

@@ -423,7 +423,7 @@ class RunFolder:
     OS drops it the moment the process ends, killed or not. (Within one process it does not exclude:
     a notebook may call ``main`` again after a failed run.)"""
 
-    def __init__(self, path: Path, resuming: bool):
+    def __init__(self, path: Path, resume_from: Path | None = None):
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -443,12 +443,22 @@ class RunFolder:
                 raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to "
                                  "end or give another --out-dir") from None
         held = [name for name in ("last.pt", "best.pt") if (path / name).exists()]
-        if held and not resuming:
-            self.release()
+        problem = None
+        if held and resume_from is None:
             advice = ("continue it with --resume auto" if "last.pt" in held else
                       f"there is no last.pt to resume; continue from the best epoch with --resume {path / 'best.pt'}")
-            raise ValueError(f"--out-dir {path} holds a run ({', '.join(held)}), which a fresh run would overwrite: "
-                             f"{advice}, or give another --out-dir")
+            problem = f"holds a run ({', '.join(held)}), which a fresh run would overwrite: {advice}"
+        elif held and not _same_file(resume_from.parent, path):
+            problem = (f"holds another run ({', '.join(held)}) than {resume_from}, which continuing that one there "
+                       "would overwrite")
+        elif "last.pt" in held and not _same_file(resume_from, path / "last.pt"):
+            problem = (f"holds last.pt, which continuing {resume_from.name} there would overwrite (it may be epochs "
+                       f"ahead): resume last.pt with --resume auto, or continue {resume_from.name} in another "
+                       "--out-dir")
+        if problem:
+            self.release()
+            raise ValueError(f"--out-dir {path} {problem}" + ("" if problem.endswith("--out-dir") else
+                                                               ", or give another --out-dir"))
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(f"{os.getpid()}\n")
@@ -474,6 +484,13 @@ class RunFolder:
 LOCK_NAME = ".lock"
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def finite_float(text: str) -> float:
     """argparse ``type`` for float flags: NaN and infinities are refused when the flags are read,
     not found mid-run (an infinite LR, a NaN loss weight)."""
@@ -483,23 +500,26 @@ def finite_float(text: str) -> float:
     return value
 
 
-def check_batch_norm_batch(build: Callable[[], torch.nn.Module], image_size: int, per_process: int) -> None:
-    """``ValueError`` naming the flags when training at ``per_process`` images per process would give
-    a BatchNorm layer of the model ``build()`` makes a single value per channel (a 1x1 map at batch
-    1), which BatchNorm cannot normalise: found at start by a forward pass on the ``meta`` device
-    (shapes only, no memory, no arithmetic) instead of at the first step."""
-    if per_process > 1:
-        return
+def check_batch_norm_batch(build: Callable[[], torch.nn.Module], image_size: int, per_process: int) -> int:
+    """The smallest batch per process that the model ``build()`` makes can train on: 2 where a
+    BatchNorm layer would see a single value per channel at batch 1 (a 1x1 map), which it cannot
+    normalise, else 1; found by a forward pass on the ``meta`` device (shapes only, no memory, no
+    arithmetic). A ``per_process`` below it is a ``ValueError`` naming the flags, at start instead of
+    at the first step; the training loops skip (and count) a batch that unreadable images left
+    smaller than it."""
     with torch.device("meta"):
         model = build().train()
     try:
-        model(torch.empty(per_process, 3, image_size, image_size, device="meta"))
+        model(torch.empty(1, 3, image_size, image_size, device="meta"))
     except ValueError as e:
         if "value per channel" not in str(e):
             raise
-        raise ValueError(f"--batch-size gives {per_process} image per process, and at --image-size {image_size} "
-                         f"BatchNorm then sees one value per channel ({e}): give a larger --batch-size or "
-                         "--image-size") from None
+        if per_process < 2:
+            raise ValueError(f"--batch-size gives {per_process} image per process, and at --image-size {image_size} "
+                             f"BatchNorm then sees one value per channel ({e}): give a larger --batch-size or "
+                             "--image-size") from None
+        return 2
+    return 1
 
 
 def parse_device(device_arg: str) -> torch.device:

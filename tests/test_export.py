@@ -1,6 +1,7 @@
 """export.py: the ONNX model's outputs equal PyTorch's (onnxruntime) on random and real inputs and
 any batch size; its metadata; decoding its output gives evaluation's detections."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -135,6 +136,9 @@ def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tm
     assert ckpt.read_bytes() == before == named_onnx.read_bytes() == other.read_bytes()
     res = export.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "out.onnx")])
     assert res["max_abs_diff"] is not None and (tmp_path / "out.onnx").stat().st_size > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out.onnx").stat().st_mode & 0o777 == 0o666 & ~umask      # as any other output file
 
 
 def test_export_refuses_a_classifier_checkpoint(tmp_path):

@@ -200,9 +200,25 @@ def test_a_batch_batch_norm_cannot_train_on_is_refused_at_start():
     with pytest.raises(ValueError, match=r"--batch-size gives 1 image per process, and at --image-size 32 BatchNorm "
                                          r"then sees one value per channel \(.*torch.Size\(\[1, .*, 1, 1\]\)\)"):
         check_batch_norm_batch(yolo(32, batch_norm=True), 32, 1)
-    check_batch_norm_batch(yolo(32, batch_norm=True), 32, 2)                   # two values per channel
-    check_batch_norm_batch(yolo(32, batch_norm=False), 32, 1)                  # no BatchNorm
-    check_batch_norm_batch(yolo(64, batch_norm=True, head_stride=1), 64, 1)    # a 2x2 map at the end
+    assert check_batch_norm_batch(yolo(32, batch_norm=True), 32, 2) == 2       # two values per channel
+    assert check_batch_norm_batch(yolo(32, batch_norm=False), 32, 1) == 1      # no BatchNorm
+    assert check_batch_norm_batch(yolo(64, batch_norm=True, head_stride=1), 64, 1) == 1   # a 2x2 map at the end
+
+
+def test_a_batch_that_unreadable_images_leave_too_small_for_batch_norm_is_skipped(tmp_path, capsys):
+    # at 64 px with head stride 2 the head's last map is 1x1: BatchNorm needs two images there, so a batch
+    # that unreadable images leave with one is skipped and counted like an empty one, not fatal
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    images = root / "VOCdevkit" / "VOC2007" / "JPEGImages"
+    trainval = (root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").read_text().split()
+    for image_id in trainval[1:]:                                           # one readable training image of 8
+        data = (images / f"{image_id}.jpg").read_bytes()
+        (images / f"{image_id}.jpg").write_bytes(data[: len(data) // 3])
+    out = train_detector.main(["--data", "demo", *TINY, "--data-root", str(root), "--head-stride", "2",
+                               "--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    assert out["skipped_images"] == 7
+    printed = capsys.readouterr()
+    assert "under 2 readable images (BatchNorm needs 2 here) left in a process's batch" in printed.out + printed.err
 
 
 def test_a_corrupt_checkpoint_is_named_in_one_line_without_torchs_advice(tmp_path):
@@ -254,3 +270,18 @@ def test_a_demo_data_root_is_used_as_it_is_and_generated_where_there_is_none(tmp
         train_detector.main(["--data", "demo", "--data-root", str(tmp_path / "d"), *TINY, "--out-dir",
                              str(tmp_path / "run")])
     assert calls == [tmp_path / "d"]                          # generated there this time
+
+
+def test_paths_are_saved_absolute_and_bench_refuses_bad_numbers(tmp_path, capsys, monkeypatch):
+    import bench
+    monkeypatch.chdir(tmp_path)
+    cfg = train_detector.parse_args(["--data-root", "mydemo", "--backbone", "../b.pt"])
+    assert (cfg.data_root, cfg.backbone) == (str(tmp_path / "mydemo"), str(tmp_path.parent / "b.pt"))
+    assert pretrainer.parse_args(["--data-root", "in"]).data_root == str(tmp_path / "in")
+    for argv, message in ((["--steps", "-1"], "--steps, --det-batch, --cls-batch and --time-budget must be >= 0"),
+                          (["--width", "100"], "--width must be in (0, 4], got 100.0"),
+                          (["--workers", "-5"], "--workers >= -1")):
+        assert message in _usage_error(bench.parse_args, argv, capsys)
+    (tmp_path / "best.pt").write_bytes(b"checkpoint")
+    assert "exists and is not a .json file: refusing to overwrite it" in _usage_error(
+        bench.parse_args, ["--json", str(tmp_path / "best.pt")], capsys)

@@ -243,7 +243,7 @@ class _NaNClassifier(Classifier):
     unchanged: list[bool] = []
 
     def forward(self, x):
-        if not self.training:
+        if not self.training or x.is_meta:     # evaluation, and the shape probe of check_batch_norm_batch
             return super().forward(x)
         cls = type(self)
         cls.calls += 1

@@ -303,7 +303,7 @@ import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from utils import RunFolder
-held = RunFolder(Path({str(tmp_path / "r")!r}), resuming=False)
+held = RunFolder(Path({str(tmp_path / "r")!r}))
 child = os.fork()
 if child == 0:       # a loader worker: it inherits the lock file's descriptor and outlives its parent
     time.sleep(60)
@@ -315,12 +315,12 @@ time.sleep(60)
     child = int(proc.stdout.readline())
     try:
         with pytest.raises(ValueError, match=rf"--out-dir .*r is in use by another run \(process {proc.pid}\)"):
-            RunFolder(tmp_path / "r", resuming=True)
+            RunFolder(tmp_path / "r", tmp_path / "r" / "last.pt")
         assert RunFolder.taken(tmp_path / "r")                   # a default run folder skips it
         proc.kill()
         proc.wait()
         assert not RunFolder.taken(tmp_path / "r") and not RunFolder.taken(tmp_path / "new")
-        RunFolder(tmp_path / "r", resuming=True).release()      # free at once, though the worker lives on
+        RunFolder(tmp_path / "r", tmp_path / "r" / "last.pt").release()      # free at once, though the worker lives on
     finally:
         proc.kill()
         os.kill(child, signal.SIGKILL)
@@ -332,17 +332,25 @@ time.sleep(60)
     with pytest.MonkeyPatch.context() as m:                            # a network file system without locks
         m.setattr(fcntl, "lockf", no_locks)
         with pytest.warns(UserWarning, match=r"cannot lock it \(No locks available\); a second run"):
-            RunFolder(tmp_path / "r", resuming=True).release()
+            RunFolder(tmp_path / "r", tmp_path / "r" / "last.pt").release()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "best.pt").write_bytes(b"")                      # best.pt alone: nothing to --resume auto
     assert RunFolder.taken(tmp_path / "b")
     with pytest.raises(ValueError, match=r"holds a run \(best.pt\), which a fresh run would overwrite: there is no "
                                          r"last.pt to resume; continue from the best epoch with --resume .*best.pt"):
-        RunFolder(tmp_path / "b", resuming=False)
+        RunFolder(tmp_path / "b")
+    (tmp_path / "b" / "last.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"b holds last.pt, which continuing best.pt there would overwrite"):
+        RunFolder(tmp_path / "b", tmp_path / "b" / "best.pt")           # best.pt, with a last.pt maybe epochs ahead
+    RunFolder(tmp_path / "b", tmp_path / "b" / "last.pt").release()    # --resume auto
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match=r"b holds another run \(last.pt, best.pt\) than .*c/last.pt"):
+        RunFolder(tmp_path / "b", tmp_path / "c" / "last.pt")           # --resume c/last.pt --out-dir b
+    RunFolder(tmp_path / "c", tmp_path / "b" / "best.pt").release()    # continued in a folder of its own
     (tmp_path / "ro").mkdir(mode=0o555)
     if os.geteuid() != 0:                                              # root writes anywhere
         with pytest.raises(OSError, match=r"--out-dir .*ro/run: cannot write there"):
-            RunFolder(tmp_path / "ro" / "run", resuming=False)
+            RunFolder(tmp_path / "ro" / "run")
 
 
 def test_resumed_run_keeps_its_evaluation_history(tmp_path):
