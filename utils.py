@@ -417,7 +417,8 @@ def resume_config(cfg: Any, saved: dict[str, Any], given: dict[str, str], may_ch
 class RunFolder:
     """A run folder held by this process: created (a folder that cannot be written is found before
     any work), refused when it already holds a run's checkpoints and this is not a resume (a fresh
-    run would overwrite them), and locked while the process lives: a second run started in it is
+    run would overwrite them) or, for a fresh run, other files and no run (a folder of the user's,
+    whose config.json or metrics.json it would overwrite), and locked while the process lives: a second run started in it is
     refused, where the two would take turns writing its checkpoints. The lock is a POSIX record lock
     (``lockf`` on ``.lock``): it belongs to this process, not to the loader workers it forks, and the
     OS drops it the moment the process ends, killed or not. (Within one process it does not exclude:
@@ -425,6 +426,12 @@ class RunFolder:
 
     def __init__(self, path: Path, resume_from: Path | None = None):
         self.path = path
+        if resume_from is None and path.is_dir() and not any((path / n).exists() for n in (LOCK_NAME, "last.pt",
+                                                                                          "best.pt")):
+            others = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+            if others:   # a folder of the user's own (its config.json, metrics.json would be overwritten)
+                raise ValueError(f"--out-dir {path} holds files and no run (e.g. {others[0]}): give a new or empty "
+                                 "folder")
         try:
             path.mkdir(parents=True, exist_ok=True)
             self._lock = open(path / LOCK_NAME, "a+")
@@ -466,10 +473,13 @@ class RunFolder:
 
     @staticmethod
     def taken(path: Path) -> bool:
-        """Whether a default run folder is taken: it holds a run's checkpoints, or a run holds it now
-        (a folder left by a start that failed before its first checkpoint is free)."""
+        """Whether a default run folder is taken: it holds a run's checkpoints, a run holds it now, or
+        it holds files and never held a run (a folder left by a start that failed before its first
+        checkpoint is free)."""
         if (path / "last.pt").exists() or (path / "best.pt").exists():
             return True
+        if path.is_dir() and not (path / LOCK_NAME).exists():
+            return any(not p.name.startswith(".") for p in path.iterdir())
         try:
             with open(path / LOCK_NAME, "a") as f:
                 fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)    # dropped again when f closes

@@ -347,6 +347,12 @@ time.sleep(60)
     with pytest.raises(ValueError, match=r"b holds another run \(last.pt, best.pt\) than .*c/last.pt"):
         RunFolder(tmp_path / "b", tmp_path / "c" / "last.pt")           # --resume c/last.pt --out-dir b
     RunFolder(tmp_path / "c", tmp_path / "b" / "best.pt").release()    # continued in a folder of its own
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(ValueError, match=r"mine holds files and no run \(e.g. config.json\): give a new or empty"):
+        RunFolder(tmp_path / "mine")
+    assert (tmp_path / "mine" / "config.json").read_text() == '{"my": "settings"}'
+    assert RunFolder.taken(tmp_path / "mine")                          # a default run folder skips it too
     (tmp_path / "ro").mkdir(mode=0o555)
     if os.geteuid() != 0:                                              # root writes anywhere
         with pytest.raises(OSError, match=r"--out-dir .*ro/run: cannot write there"):
