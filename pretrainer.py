@@ -46,10 +46,10 @@ from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, RunFolder, ShardSampler, all_gather_objects, autocast_dtype,
                    check_batch_norm_batch, check_config_compatible, cleanup_distributed, finite_float,
-                   gather_rng_states, given_flags, load_checkpoint, load_weights, make_optimizer, not_a_folder,
-                   print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
-                   restore_training_state, restore_unless, resume_config, reuse_freed_memory, run_cli, save_checkpoint,
-                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
+                   gather_rng_states, load_checkpoint, load_resume, load_weights, make_optimizer, print_problems,
+                   record_bad_step, remove_partial_checkpoints, require_checkpoint, restore_training_state,
+                   restore_unless, reuse_freed_memory, run_cli, run_folder_path, save_checkpoint, seed_everything,
+                   setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
                    to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
@@ -539,27 +539,9 @@ def main(argv: list[str] | None = None) -> dict:
         return run_evaluate(cfg, rank, world, device)
 
     # ---- run folder, and a resumed run's own flags (everything below is built from them)
-    base = Path(cfg.out_dir or f"runs/pretrainer/{cfg.data}")
-    if not cfg.out_dir and cfg.resume not in ("", "auto"):
-        base = Path(cfg.resume).parent   # continue in the resumed run's folder
-    out_dir = base
-    if not cfg.out_dir and not cfg.resume:
-        k = 2
-        while RunFolder.taken(out_dir):
-            out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
-    out_dir = Path(all_gather_objects(str(out_dir))[0])
-    if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
-        raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
-    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-    ckpt = None
-    if resume_path is not None and (resume_path.exists() or cfg.resume != "auto"):   # the run's flags, first
-        ckpt = load_checkpoint(resume_path)
-        require_checkpoint(ckpt, resume_path, "pretrainer.py", RESUME_KEYS)
-        cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv), RESUME_MAY_CHANGE,
-                            RESUME_COMMAND_ONLY, str(resume_path))
-        if ckpt["state"]["epoch"] >= cfg.epochs:
-            raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
-                             f"--epochs {cfg.epochs}; give more epochs to train it further")
+    out_dir = run_folder_path(cfg.out_dir, cfg.resume, Path(f"runs/pretrainer/{cfg.data}"))
+    resume_path, ckpt, cfg = load_resume(cfg, out_dir, "pretrainer.py", RESUME_KEYS, build_parser(), argv,
+                                         RESUME_MAY_CHANGE, RESUME_COMMAND_ONLY)
 
     # ---- batch, seed, threads
     if cfg.batch_size % world:
@@ -572,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the folder is claimed once the cheap checks have passed (data errors come later: a start that fails
     # there leaves a free folder, RunFolder.taken)
     claim = is_main and not cfg.check_data
-    run_folder = RunFolder(out_dir, resume_path if ckpt is not None else None) if claim else None
+    run_folder = RunFolder(out_dir, resume_path) if claim else None
 
     # ---- data: the demo is generated in the ImageNet layout and read by the same code
     data = load_imagenet(resolve_data_root(cfg, is_main), cfg.image_size, cfg.seed, (cfg.min_scale, 1.0),

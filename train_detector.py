@@ -33,13 +33,13 @@ from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, co
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
-from utils import (GracefulStop, ModelEMA, ResumableSampler, RunFolder, ShardSampler, all_gather_objects,
-                   autocast_dtype, check_batch_norm_batch, check_config_compatible, cleanup_distributed,
-                   cpu_has_native_bf16, finite_float, format_loss, gather_rng_states, given_flags, load_checkpoint,
-                   load_weights, make_optimizer, not_a_folder, predict, print_problems, record_bad_step,
-                   remove_partial_checkpoints, require_checkpoint, restore_training_state, restore_unless,
-                   resume_config, reuse_freed_memory, run_cli, save_checkpoint, seed_everything, setup_distributed,
-                   start_host_read, step_if_finite, step_scheduler, sum_over_ranks, to_channels_last)
+from utils import (GracefulStop, ModelEMA, ResumableSampler, RunFolder, ShardSampler, autocast_dtype,
+                   check_batch_norm_batch, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
+                   finite_float, format_loss, gather_rng_states, load_checkpoint, load_resume, load_weights,
+                   make_optimizer, predict, print_problems, record_bad_step, remove_partial_checkpoints,
+                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, run_folder_path,
+                   save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite,
+                   step_scheduler, sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -425,27 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
     is_main = rank == 0
 
     # ---- run folder, and a resumed run's own flags (everything below is built from them)
-    base = Path(cfg.out_dir or f"runs/detector/{cfg.data}")
-    if not cfg.out_dir and cfg.resume not in ("", "auto"):
-        base = Path(cfg.resume).parent          # continue in the resumed run's folder
-    out_dir = base
-    if not cfg.out_dir and cfg.resume != "auto" and not cfg.resume:
-        k = 2
-        while RunFolder.taken(out_dir):
-            out_dir, k = base.with_name(f"{base.name}-{k}"), k + 1
-    out_dir = Path(all_gather_objects(str(out_dir))[0])
-    if blocker := not_a_folder(out_dir):    # found now, not when the first checkpoint is written
-        raise ValueError(f"--out-dir {out_dir}: {blocker} is a file, not a folder")
-    resume_path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-    ckpt = None
-    if resume_path and (resume_path.exists() or cfg.resume != "auto"):   # the run's flags, before anything is built
-        ckpt = load_checkpoint(resume_path)
-        require_checkpoint(ckpt, resume_path, "train_detector.py", RESUME_KEYS)
-        cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(build_parser(), argv),
-                            RESUME_MAY_CHANGE, RESUME_COMMAND_ONLY, str(resume_path))
-        if ckpt["state"]["epoch"] >= cfg.epochs:
-            raise ValueError(f"{resume_path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at "
-                             f"--epochs {cfg.epochs}; give more epochs to train it further")
+    out_dir = run_folder_path(cfg.out_dir, cfg.resume, Path(f"runs/detector/{cfg.data}"))
+    resume_path, ckpt, cfg = load_resume(cfg, out_dir, "train_detector.py", RESUME_KEYS, build_parser(), argv,
+                                         RESUME_MAY_CHANGE, RESUME_COMMAND_ONLY)
 
     # ---- batch, seed, threads, precision
     if cfg.batch_size % world:
@@ -466,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the folder is claimed once the cheap checks have passed (data errors come later: a start that fails
     # there leaves a free folder, RunFolder.taken)
     claim = is_main and not cfg.check_data
-    run_folder = RunFolder(out_dir, resume_path if ckpt is not None else None) if claim else None
+    run_folder = RunFolder(out_dir, resume_path) if claim else None
 
     # ---- data
     if cfg.data == "demo":

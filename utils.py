@@ -414,6 +414,42 @@ def resume_config(cfg: Any, saved: dict[str, Any], given: dict[str, str], may_ch
     return dataclasses.replace(cfg, **changes)
 
 
+def run_folder_path(out_dir: str, resume: str, default: Path) -> Path:
+    """A training run's folder: ``--out-dir``; else, resuming a checkpoint file, that file's folder;
+    else ``default``, numbered (``-2``, ``-3`` ...) past taken folders (:meth:`RunFolder.taken`).
+    Rank 0's choice for every process; a path under a file is a ``ValueError``, found before any
+    work rather than when the first checkpoint is written."""
+    path = Path(out_dir) if out_dir else Path(resume).parent if resume not in ("", "auto") else default
+    if not out_dir and not resume:
+        k = 2
+        while RunFolder.taken(path):
+            path, k = default.with_name(f"{default.name}-{k}"), k + 1
+    path = Path(all_gather_objects(str(path))[0])
+    if blocker := not_a_folder(path):
+        raise ValueError(f"--out-dir {path}: {blocker} is a file, not a folder")
+    return path
+
+
+def load_resume(cfg: Any, out_dir: Path, script: str, keys: tuple[str, ...], parser: argparse.ArgumentParser,
+                argv: list[str] | None, may_change: tuple[str, ...], command_only: tuple[str, ...]
+                ) -> tuple[Path | None, dict[str, Any] | None, Any]:
+    """``(checkpoint path, checkpoint, config)`` of a resumed run (``--resume auto``: the run folder's
+    last.pt when there is one; ``--resume PATH``), checked to hold ``keys``, with the config the run
+    continues with (:func:`resume_config`, ``parser`` and ``argv`` telling which flags were given);
+    ``(None, None, cfg)`` for a fresh run. A run that has trained ``cfg.epochs`` already is a
+    ``ValueError``: there is nothing to do."""
+    path = out_dir / "last.pt" if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
+    if path is None or (cfg.resume == "auto" and not path.exists()):
+        return None, None, cfg
+    ckpt = load_checkpoint(path)
+    require_checkpoint(ckpt, path, script, keys)
+    cfg = resume_config(cfg, ckpt.get("config") or {}, given_flags(parser, argv), may_change, command_only, str(path))
+    if ckpt["state"]["epoch"] >= cfg.epochs:
+        raise ValueError(f"{path} has trained {ckpt['state']['epoch']} epochs already: nothing to do at --epochs "
+                         f"{cfg.epochs}; give more epochs to train it further")
+    return path, ckpt, cfg
+
+
 class RunFolder:
     """A run folder held by this process: created (a folder that cannot be written is found before
     any work), refused when it already holds a run's checkpoints and this is not a resume (a fresh
@@ -438,17 +474,17 @@ class RunFolder:
         except OSError as e:
             raise OSError(f"--out-dir {path}: cannot write there ({e.strerror or e})") from None
         try:
-            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):   # a file system without locks (some network ones)
-                warnings.warn(f"--out-dir {path}: cannot lock it ({e.strerror or e}); a second run started in it "
-                              "would not be refused")
-            else:
-                self._lock.seek(0)
-                holder = self._lock.read().strip() or "unknown"
-                self._lock.close()
-                raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to "
-                                 "end or give another --out-dir") from None
+            locked = _try_lock(self._lock)
+        except OSError as e:    # a file system without locks (some network ones)
+            warnings.warn(f"--out-dir {path}: cannot lock it ({e.strerror or e}); a second run started in it "
+                          "would not be refused")
+            locked = True
+        if not locked:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            raise ValueError(f"--out-dir {path} is in use by another run (process {holder}); wait for it to "
+                             "end or give another --out-dir")
         held = [name for name in ("last.pt", "best.pt") if (path / name).exists()]
         problem = None
         if held and resume_from is None:
@@ -482,16 +518,27 @@ class RunFolder:
             return any(not p.name.startswith(".") for p in path.iterdir())
         try:
             with open(path / LOCK_NAME, "a") as f:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)    # dropped again when f closes
-        except OSError as e:
-            return e.errno in (errno.EACCES, errno.EAGAIN)        # held; missing or lock-less: free
-        return False
+                return not _try_lock(f)          # (a lock taken here is dropped again when f closes)
+        except OSError:                          # no lock file, or a lock-less file system: free
+            return False
 
     def release(self) -> None:
         self._lock.close()     # closing the file drops the lock
 
 
 LOCK_NAME = ".lock"
+
+
+def _try_lock(f) -> bool:
+    """Take the POSIX record lock on the open file ``f`` without waiting: True if taken, False if
+    another process holds it; other ``OSError`` (a file system without locks) propagate."""
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
 
 
 def _same_file(a: Path, b: Path) -> bool:
