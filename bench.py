@@ -27,7 +27,8 @@ Sections, each printed as soon as it is measured (one row per number):
   per-step finite-loss check); the on-device step again with the stem in its other form (direct on
   a GPU, space-to-depth on a CPU: ``model.SpaceToDepthConv2d``); last, both models end to end and
   their data alone with ``--gpu-decode``'s pipeline (the workers read the files; decode and warp on
-  the device).
+  the device), and end to end again with the warp in its other form (image by image on a GPU,
+  batched on a CPU: ``dataset.BATCHED_WARP_DEVICES``).
 * ``demo``: images/s of the demo recipe's training step (its small model, 224 px, batch 16, with
   the weight average's update) in NCHW, in channels_last everywhere, and in channels_last with the
   narrow stem left NCHW; ``--channels-last`` picks one of the last two for the device
@@ -683,6 +684,22 @@ def other_stem_form(device: torch.device) -> Iterator[str]:
         devices.update(saved)
 
 
+@contextlib.contextmanager
+def other_warp_form(device: torch.device) -> Iterator[str]:
+    """Inside the block ``--gpu-decode``'s batches are warped in the form ``device`` does not use:
+    image by image (``dataset.warp_image``) on a GPU, batched (``dataset.warp_images``) on a CPU.
+    Yields that form's name."""
+    import dataset as dataset_module
+    devices = dataset_module.BATCHED_WARP_DEVICES     # changed in place: read at every batch
+    saved = set(devices)
+    devices ^= {device.type}
+    try:
+        yield "batched warp" if device.type in devices else "per-image warps"
+    finally:
+        devices.clear()
+        devices.update(saved)
+
+
 def _other_stem_row(report: Report, section: str, name: str, step: Callable, first: tuple, batch: int,
                     cfg: BenchConfig, device: torch.device, key: str) -> None:
     """The on-device step again with the stem in its other form: which form pays, same step, same run."""
@@ -911,6 +928,12 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
                             finish=ds.finish_on_device)
         report.add("train", f"{name} data alone, --gpu-decode ({cfg.workers} workers)", rate, "img/s", note,
                    key=f"loader_{name}_gpu_decode_images_per_s")
+        with other_warp_form(device) as form:      # which warp pays, same step, same run
+            rate = _loader_rate(step, ds, batch, cfg, device, seed=5, collate=collate_encoded,
+                                finish=ds.finish_on_device)
+        report.add("train", f"{name} train end to end, --gpu-decode, {form}", rate, "img/s",
+                   f"the warp {device.type} does not use (dataset.BATCHED_WARP_DEVICES)",
+                   key=f"train_{name}_e2e_gpu_decode_other_warp_images_per_s")
 
     for name in ("detector", "classifier"):
         measure(name)              # its model and optimizer freed on return

@@ -247,6 +247,44 @@ def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip
     return out.clone() if out.untyped_storage().data_ptr() == image.untyped_storage().data_ptr() else out
 
 
+# Where decode_on_device_batch warps a batch with warp_images rather than image by image (warp_image): on
+# a GPU each kernel launch costs the host microseconds, and warp_image launches ~6 per image. On a CPU
+# the worker's own warp_image runs, so that --gpu-decode there gives the workers' pixels bit for bit.
+BATCHED_WARP_DEVICES: set[str] = {"cuda"}
+
+
+def warp_images(images: Sequence[Tensor], windows: Sequence[tuple[int, int, int, int]], size: int,
+                flips: Sequence[bool], fill: Sequence[int]) -> Tensor:
+    """:func:`warp_image` for a list of uint8 ``(3, H_i, W_i)`` images on one device (each its own
+    ``window`` and flip), with few kernel launches: per image the crop converted to float (padded
+    with ``fill`` where the window leaves the image: one more) and its antialiased bilinear resize,
+    a flip for the flipped ones; then once for the batch the rounding and the conversion to uint8.
+    :func:`warp_image` launches about 6 per image (torchvision's uint8 resize on a GPU converts,
+    resizes, rounds and converts back, each image alone) and adds torchvision's dispatch in Python.
+
+    The pixels are those of ``torchvision.transforms.v2.functional.resize`` of the uint8 crop on a
+    GPU (float interpolation, rounded): :func:`warp_image`'s there, bit for bit. On a CPU
+    torchvision resizes uint8 with integer arithmetic, which rounds a little differently (at most 1
+    apart; a test checks). Returns uint8 ``(N, 3, size, size)``, channels last in memory as
+    :func:`stack_images` makes the workers' batches."""
+    if not images:
+        raise ValueError("warp_images needs at least one image")
+    out = []
+    for image, (left, top, w, h), flip in zip(images, windows, flips):
+        H, W = image.shape[-2:]
+        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + w, W), min(top + h, H)
+        if (x0, y0, x1, y1) == (left, top, left + w, top + h):
+            crop = image[:, top:top + h, left:left + w].float()            # one copy, converted on the way
+        else:
+            crop = _fill_pixel(image.device, tuple(fill), torch.float32).view(3, 1, 1).expand(3, h, w).contiguous()
+            if x1 > x0 and y1 > y0:
+                crop[:, y0 - top:y1 - top, x0 - left:x1 - left] = image[:, y0:y1, x0:x1]
+        resized = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear",
+                                                  align_corners=False, antialias=True)   # (1, 3, S, S)
+        out.append(resized.flip(-1) if flip else resized)
+    return torch.cat(out).round_().to(torch.uint8, memory_format=torch.channels_last)
+
+
 def warp_boxes(boxes: Tensor | np.ndarray, window: tuple[int, int, int, int], size: int, flip: bool,
                min_size: float = 1.0) -> tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray]:
     """Map pixel ``xyxy`` boxes ``(M, 4)`` through :func:`warp_image`'s geometry, clip them to the
@@ -703,8 +741,9 @@ def collate_encoded(batch: list):
 def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], size: int, fill: Sequence[int],
                            device: torch.device) -> list | None:
     """Finish on ``device`` a batch collated by :func:`collate_encoded`: the JPEGs decoded together
-    by ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU) and each warped as its worker drew
-    (:func:`warp_image` to ``size``, ``fill`` outside the image), stacked with the images decoded
+    by ``torchvision.io.decode_jpeg`` (nvJPEG on a GPU) and each warped as its worker drew to
+    ``size``, ``fill`` outside the image (:func:`warp_images` on the :data:`BATCHED_WARP_DEVICES`,
+    else :func:`warp_image`), stacked with the images decoded
     in the workers. The last field is the items' info: column 0 the dataset index (``path_of``
     names its file), the last five ``(left, top, w, h, flip)``. Returns ``[uint8 (N, 3, size,
     size) on device, *fields]`` without the images that failed to decode (a warning names each),
@@ -722,22 +761,26 @@ def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], s
     jpegs = [i for i, x in enumerate(items) if x.dim() == 1]
     decoded = dict(zip(jpegs, _decode_jpegs([items[i] for i in jpegs], [path_of(int(rows[i][0])) for i in jpegs],
                                             [tuple(hw[i]) for i in jpegs], device)))
-    images, keep = [], []
-    for i, x in enumerate(items):
-        if x.dim() == 3:                # decoded and warped in the worker
-            images.append(x.to(device, non_blocking=True))
-        elif decoded[i] is not None:
-            left, top, w, h, flip = (int(v) for v in rows[i][-5:])
-            images.append(warp_image(decoded[i], (left, top, w, h), size, bool(flip), fill))
-        else:
-            continue
-        keep.append(i)
-    if not images:
+    keep = [i for i, x in enumerate(items) if x.dim() == 3 or decoded[i] is not None]
+    if not keep:
         return None
+    on_device = [i for i in keep if i in decoded]       # the JPEGs decoded here
+    draws = [(tuple(int(v) for v in rows[i][-5:-1]), bool(rows[i][-1])) for i in on_device]   # (window, flip)
+    if torch.device(device).type in BATCHED_WARP_DEVICES and on_device:
+        warped = warp_images([decoded[i] for i in on_device], [win for win, _ in draws], size,
+                             [flip for _, flip in draws], fill)                       # (M, 3, S, S)
+    else:
+        warped = [warp_image(decoded[i], win, size, flip, fill) for i, (win, flip) in zip(on_device, draws)]
+    if isinstance(warped, Tensor) and len(on_device) == len(keep):
+        images = warped                 # the usual batch on a GPU: every image a JPEG warped here
+    else:                               # images decoded and warped in a worker come as they are
+        by_index = dict(zip(on_device, warped))
+        images = stack_images([by_index[i] if i in by_index else items[i].to(device, non_blocking=True)
+                               for i in keep])
     if len(keep) < len(items):     # only when an image was dropped: indexing makes new tensors,
         keep_t = torch.tensor(keep)    # pinned again for the step's non-blocking copies
         fields = [f[keep_t].pin_memory() if f.is_pinned() else f[keep_t] for f in fields]
-    return [stack_images(images), *fields]
+    return [images, *fields]
 
 
 def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], list | None],

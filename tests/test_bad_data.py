@@ -200,6 +200,35 @@ def test_gpu_decode_batch_is_the_workers_batch(bad_tree):
         assert int((info[:, -1] == 1).sum()) > 0                      # some flipped on the device
 
 
+def test_gpu_decode_batched_warp_is_the_workers_batch_within_a_level(bad_tree, monkeypatch):
+    # The GPU's batched warp (dataset.warp_images), run here on the CPU: the same images, targets and
+    # info as the workers' batch, the pixels within one level (float against the CPU's integer
+    # resize), the images decoded in the workers (PNGs, CMYK) in their places, the truncated one dropped.
+    import warnings
+    import dataset
+    from dataset import collate_encoded, collate_skip_none
+    _add_second_png(bad_tree)
+    kw = dict(train=True, jitter=0.2, hsv=1.5, seed=3)
+    plain = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, **kw)
+    on_device = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, decode_on_device=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = collate_skip_none([plain[i] for i in range(len(plain))])
+        raw = collate_encoded([on_device[i] for i in range(len(on_device))])
+        monkeypatch.setattr(dataset, "BATCHED_WARP_DEVICES", {"cpu"})
+        images, targets, info = on_device.finish_on_device(raw, torch.device("cpu"))
+        monkeypatch.undo()
+        one_by_one = on_device.finish_on_device(raw, torch.device("cpu"))[0]
+    assert torch.equal(targets, ref[1]) and torch.equal(info[:, :5], ref[2])
+    assert images.shape == ref[0].shape and images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(one_by_one, ref[0])                     # the per-image warp: the workers' pixels
+    diff = (images.int() - ref[0].int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.2, (diff.max(), diff.float().mean())
+    worker_rows = [i for i, row in enumerate(info.tolist()) if on_device.annotation(int(row[0])).image_id
+                   in ("alpha_png", "png2", "cmyk")]
+    assert len(worker_rows) == 3 and torch.equal(images[worker_rows], ref[0][worker_rows])   # as they came
+
+
 def test_training_with_gpu_decode_is_the_same_run(bad_tree, tmp_path):
     runs = {}
     for name, extra in (("workers", []), ("device", ["--gpu-decode"])):

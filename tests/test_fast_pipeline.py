@@ -182,6 +182,56 @@ def test_warp_image_equals_plain_crop_then_resize(seed):
                 assert torch.equal(out, ref), (window, size, flip)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_warp_images_is_the_float_resize_of_each_crop(seed):
+    """warp_images (the batch form --gpu-decode uses on a GPU) against each image's crop built row
+    by row, padded with the fill colour, converted to float, resized by v2's resize, rounded and
+    flipped by v2's horizontal_flip: equal exactly (the arithmetic torchvision's uint8 resize does on
+    a GPU); within one level of warp_image, the CPU's integer uint8 resize (on a CPU both run)."""
+    from dataset import warp_images
+    rng = np.random.default_rng(seed)
+    images, windows, flips, sizes = [], [], [], []
+    for i in range(6):
+        H, W = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        images.append(torch.from_numpy(rng.integers(0, 256, (3, H, W), dtype=np.uint8)))
+        p = AugmentParams.sample(rng, (0.1, 0.2, 0.6)[i % 3])
+        windows.append([crop_window(W, H, p), (W + 5, -3, 10, 12), (1, 2, W - 3, H - 2), (0, 0, 64, 64)][i % 4])
+        flips.append(bool(i % 2) if i % 4 != 3 else False)
+    for size in (64, 96):
+        out = warp_images(images, windows, size, flips, FILL)
+        assert out.shape == (6, 3, size, size) and out.dtype == torch.uint8
+        assert out.is_contiguous(memory_format=torch.channels_last)       # as stack_images batches
+        for image, window, flip, got in zip(images, windows, flips, out):
+            (H, W), (left, top, w, h) = image.shape[-2:], window
+            crop = torch.tensor(FILL, dtype=torch.float32).view(3, 1, 1).repeat(1, h, w)
+            for y in range(h):
+                if 0 <= top + y < H:
+                    xs = [x for x in range(w) if 0 <= left + x < W]
+                    if xs:
+                        crop[:, y, xs[0]:xs[-1] + 1] = image[:, top + y, left + xs[0]:left + xs[-1] + 1].float()
+            ref = F.resize(crop, [size, size], antialias=True).round().to(torch.uint8)
+            ref = F.horizontal_flip(ref) if flip else ref
+            assert torch.equal(got, ref), (window, size, flip)
+            one = warp_image(image, window, size, flip, FILL)
+            assert (one.int() - got.int()).abs().max() <= 1, (window, size, flip)
+    with pytest.raises(ValueError, match="at least one image"):
+        warp_images([], [], 64, [], FILL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_warp_images_on_cuda_is_warp_image_bit_for_bit():
+    # on a GPU torchvision's uint8 resize is the float resize rounded: the batch form gives its pixels
+    from dataset import warp_images
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, int(rng.integers(100, 500)), int(rng.integers(100, 500))),
+                                            dtype=np.uint8)).cuda() for _ in range(8)]
+    windows = [crop_window(im.shape[-1], im.shape[-2], AugmentParams.sample(rng, 0.2)) for im in images]
+    flips = [bool(i % 2) for i in range(8)]
+    got = warp_images(images, windows, 224, flips, FILL)
+    ref = torch.stack([warp_image(im, win, 224, flip, FILL) for im, win, flip in zip(images, windows, flips)])
+    assert got.is_cuda and torch.equal(got, ref)
+
+
 def _write_voc(root, image: torch.Tensor, boxes: list[list[int]], names: list[str]) -> None:
     voc = root / "VOCdevkit" / "VOC2007"
     for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
