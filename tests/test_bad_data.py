@@ -229,6 +229,31 @@ def test_gpu_decode_batched_warp_is_the_workers_batch_within_a_level(bad_tree, m
     assert len(worker_rows) == 3 and torch.equal(images[worker_rows], ref[0][worker_rows])   # as they came
 
 
+def test_decode_pil_is_the_gpu_paths_fallback_and_leaves_warnings_alone(bad_tree, monkeypatch):
+    # What --gpu-decode's thread decodes on the CPU when nvJPEG refuses a JPEG: the pixels libjpeg
+    # gives through torchvision, a DataError naming the file for a truncated one, and never a change
+    # of the process's warnings filters (a catch_warnings there would race with the training loop's).
+    import warnings
+    from dataset import DataError, decode_pil, read_image
+
+    def no_filters(*args, **kwargs):
+        raise AssertionError("the warnings filters were touched")
+    jpegs = bad_tree / "VOCdevkit" / "VOC2007" / "JPEGImages"
+    for name in ("000001.jpg", "gray.jpg", "truncated.jpg"):
+        path = jpegs / name
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        with monkeypatch.context() as m:
+            m.setattr(warnings, "catch_warnings", no_filters)
+            if name == "truncated.jpg":
+                with pytest.raises(DataError, match="truncated.jpg: cannot decode image"):
+                    decode_pil(data, path)
+                continue
+            got = decode_pil(data, path)
+        want = read_image(path)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        assert (got.int() - want.int()).abs().max() <= 1
+
+
 def test_training_with_gpu_decode_is_the_same_run(bad_tree, tmp_path):
     runs = {}
     for name, extra in (("workers", []), ("device", ["--gpu-decode"])):

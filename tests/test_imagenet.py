@@ -426,50 +426,84 @@ def test_decode_on_device_batch_on_cuda_is_close_to_the_workers_batch(tree: Path
 
 
 def test_batches_on_device_hands_each_batch_over_to_the_callers_stream(monkeypatch) -> None:
-    # The protocol, with stand-ins for CUDA's streams (no GPU needed): each batch is finished on the
-    # side stream, and before the caller gets it the caller's stream waits for the side stream and
-    # every device tensor of the batch is marked as used by the caller's stream. Without the wait the
-    # step could read a batch not yet written; without record_stream its memory could be handed to
-    # the next batch's decode while the step still reads it.
+    # The protocol, with stand-ins for CUDA's streams and events (no GPU needed): each batch is
+    # finished in another thread on the side stream, an event recorded there after it; before the
+    # caller gets the batch, the caller's stream waits for that event and every device tensor of the
+    # batch is marked as used by the caller's stream. Without the wait the step could read a batch
+    # not yet written; without record_stream its memory could be handed to the next batch's decode
+    # while the step still reads it. Errors reach the caller; stopping early stops the thread.
     import contextlib
+    import threading
     import dataset
     log: list[tuple] = []
+    local = threading.local()
 
     class Stream:
         def __init__(self, name: str):
             self.name = name
 
-        def wait_stream(self, other: "Stream") -> None:
-            log.append(("wait", self.name, other.name))
+        def wait_event(self, event: "Event") -> None:
+            log.append(("wait", self.name, event.name))
+
+    class Event:
+        count = 0
+
+        def record(self, stream: Stream) -> None:
+            self.name = f"event {Event.count} on {stream.name}"
+            Event.count += 1
 
     class DeviceTensor(torch.Tensor):
         is_cuda = True
 
         def record_stream(self, stream: Stream) -> None:
-            log.append(("record", stream.name))
+            log.append(("record", stream.name, int(self[0])))
 
-    current = [Stream("caller")]
+    def current(device=None) -> Stream:
+        return getattr(local, "stream", None) or Stream("caller")
 
     @contextlib.contextmanager
     def on(stream: Stream):
-        saved, current[0] = current[0], stream
+        saved, local.stream = getattr(local, "stream", None), stream
         try:
             yield
         finally:
-            current[0] = saved
+            local.stream = saved
 
     monkeypatch.setattr(dataset, "_side_stream", lambda device: Stream("side"))
     monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "current_stream", current)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    main = threading.get_ident()
 
     def finish(batch, device):
-        log.append(("finish on", current[0].name))
-        return None if batch is None else [torch.zeros(2).as_subclass(DeviceTensor), torch.zeros(1)]
+        log.append(("finish", batch, current().name, threading.get_ident() != main))
+        if batch == "bad":
+            raise ValueError("bad batch")
+        return None if batch is None else [torch.full((2,), batch).as_subclass(DeviceTensor), torch.zeros(1)]
 
-    for k, out in enumerate(dataset.batches_on_device([0, None, 2], finish, torch.device("cuda"))):
-        log.append(("caller gets", k))
-    handed = [("finish on", "side"), ("wait", "caller", "side"), ("record", "caller")]
-    assert log == [*handed, ("caller gets", 0), *handed[:2], ("caller gets", 1), *handed, ("caller gets", 2)]
+    cuda = torch.device("cuda", 0)
+    for k, out in enumerate(dataset.batches_on_device([0, None, 2, 3, 4], finish, cuda)):
+        log.append(("caller gets", k, None if out is None else int(out[0][0])))
+    assert [e for e in log if e[0] == "finish"] == [("finish", b, "side", True) for b in (0, None, 2, 3, 4)]
+    caller = [e for e in log if e[0] != "finish"]
+    want = []
+    for k in range(5):
+        want += [("wait", "caller", f"event {k} on side")] + ([("record", "caller", k)] if k != 1 else [])
+        want.append(("caller gets", k, None if k == 1 else k))
+    assert caller == want
+
+    log.clear()
+    got = dataset.batches_on_device([0, 1, "bad", 3], finish, cuda)
+    assert int(next(got)[0][0]) == 0 and int(next(got)[0][0]) == 1
+    with pytest.raises(ValueError, match="bad batch"):
+        next(got)
+    log.clear()
+    early = dataset.batches_on_device(range(100), finish, cuda, ahead=2)
+    next(early)
+    early.close()                        # the caller stops: no batch is finished after that
+    finished = len([e for e in log if e[0] == "finish"])
+    assert finished <= 4 and not [t for t in threading.enumerate() if t.name.startswith("batches_on_device")]
 
 
 def _loader_and_reference(tree: Path, device: torch.device):
