@@ -907,9 +907,10 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
     """Both models end to end, and their data alone, as ``--gpu-decode`` feeds them (train_detector.py,
     pretrainer.py): the workers read the files, draw the augmentation and (detector) encode the
     targets; the JPEGs are decoded (nvJPEG on a GPU) and warped on the device
-    (``dataset.decode_on_device_batch``). A part of its own, after the other parts but the GPU's
-    max-autotune one: the newest code path, never run on a GPU before, must not cost the earlier
-    parts' numbers."""
+    (``dataset.decode_on_device_batch``, in ``dataset.batches_on_device``'s thread); then end to end
+    again with the warp in its other form (``other_warp_form``). A part of its own, after the other
+    parts but the GPU's max-autotune one: a failure of this path must not cost the earlier parts'
+    numbers."""
     from dataset import collate_encoded
     device = torch.device(cfg.device)
     decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
