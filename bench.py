@@ -27,8 +27,9 @@ Sections, each printed as soon as it is measured (one row per number):
   per-step finite-loss check); the on-device step again with the stem in its other form (direct on
   a GPU, space-to-depth on a CPU: ``model.SpaceToDepthConv2d``); last, both models end to end and
   their data alone with ``--gpu-decode``'s pipeline (the workers read the files; decode and warp on
-  the device), and end to end again with the warp in its other form (image by image on a GPU,
-  batched on a CPU: ``dataset.BATCHED_WARP_DEVICES``).
+  the device), end to end again with the warp in its other form (image by image on a GPU,
+  batched on a CPU: ``dataset.BATCHED_WARP_DEVICES``), and once more finished by the training
+  loop itself rather than in a thread (``dataset.batches_on_device(thread=False)``).
 * ``demo``: images/s of the demo recipe's training step (its small model, 224 px, batch 16, with
   the weight average's update) in NCHW, in channels_last everywhere, and in channels_last with the
   narrow stem left NCHW; ``--channels-last`` picks one of the last two for the device
@@ -586,14 +587,14 @@ def _loader_note(cfg: BenchConfig, device: torch.device) -> str:
 
 
 def _loader_rate(step: Callable, dataset, batch: int, cfg: BenchConfig, device: torch.device, seed: int,
-                 collate: Callable = collate_skip_none, finish: Callable | None = None) -> float:
+                 collate: Callable = collate_skip_none, finish: Callable | None = None, thread: bool = True) -> float:
     """Images/s of ``step`` fed by a fresh loader, timed once the batches the workers prefetched
     while starting are used up (else the number would be the step's rate, not the pipeline's).
-    ``finish``: each batch goes through ``dataset.batches_on_device(loader, finish, device)`` first,
-    as the training scripts' ``--gpu-decode`` does."""
+    ``finish``: each batch goes through ``dataset.batches_on_device(loader, finish, device,
+    thread=thread)`` first, as the training scripts' ``--gpu-decode`` does (with the thread)."""
     warmup = cfg.warmup_steps + (cfg.workers * PREFETCH if device.type == "cuda" else 0)
     loader = _loader(dataset, batch, warmup + cfg.loader_steps, cfg.workers, device, seed, collate)
-    batches = iter(loader) if finish is None else batches_on_device(loader, finish, device)
+    batches = iter(loader) if finish is None else batches_on_device(loader, finish, device, thread=thread)
     return _time_steps(step, batches, warmup, cfg.loader_steps, batch, device)
 
 
@@ -908,9 +909,9 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
     pretrainer.py): the workers read the files, draw the augmentation and (detector) encode the
     targets; the JPEGs are decoded (nvJPEG on a GPU) and warped on the device
     (``dataset.decode_on_device_batch``, in ``dataset.batches_on_device``'s thread); then end to end
-    again with the warp in its other form (``other_warp_form``). A part of its own, after the other
-    parts but the GPU's max-autotune one: a failure of this path must not cost the earlier parts'
-    numbers."""
+    again with the warp in its other form (``other_warp_form``), and without the thread. A part of
+    its own, after the other parts but the GPU's max-autotune one: a failure of this path must not
+    cost the earlier parts' numbers."""
     from dataset import collate_encoded
     device = torch.device(cfg.device)
     decoder = "nvJPEG" if device.type == "cuda" else "libjpeg in the main process"
@@ -935,6 +936,12 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
         report.add("train", f"{name} train end to end, --gpu-decode, {form}", rate, "img/s",
                    f"the warp {device.type} does not use (dataset.BATCHED_WARP_DEVICES)",
                    key=f"train_{name}_e2e_gpu_decode_other_warp_images_per_s")
+        rate = _loader_rate(step, ds, batch, cfg, device, seed=6, collate=collate_encoded,
+                            finish=ds.finish_on_device, thread=False)
+        report.add("train", f"{name} train end to end, --gpu-decode, finished by the training loop", rate,
+                   "img/s", "dataset.batches_on_device(thread=False): decode and warps in the loop's own "
+                   "thread (on a GPU; the same as the first row on a CPU)",
+                   key=f"train_{name}_e2e_gpu_decode_no_thread_images_per_s")
 
     for name in ("detector", "classifier"):
         measure(name)              # its model and optimizer freed on return

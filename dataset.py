@@ -787,12 +787,13 @@ def decode_on_device_batch(batch: list | None, path_of: Callable[[int], Path], s
 
 
 def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], list | None],
-                      device: torch.device, ahead: int = 2) -> Iterator[list | None]:
+                      device: torch.device, ahead: int = 2, thread: bool = True) -> Iterator[list | None]:
     """``finish(batch, device)`` for each of ``batches`` in order (``finish``: a dataset's
     ``finish_on_device``, for ``--gpu-decode``; it returns a list of tensors, or ``None``).
 
-    On a GPU the finishing runs in a thread of its own, up to ``ahead`` batches ahead of the caller,
-    on a CUDA stream of its own (:func:`_side_stream`). The thread: the decode and the ~128 kernel
+    On a GPU the finishing runs in a thread of its own (``thread=False``: in the caller's, as
+    bench.py compares), which works on the batch the caller will ask for next and on ``ahead``
+    more, on a CUDA stream of its own (:func:`_side_stream`). The thread: the decode and the ~128 kernel
     launches of a batch's warps cost the host ~5 ms per 64 images, and torchvision's JPEG decode
     holds the host until its images are done, which on a GPU busy with a training step means until
     the step's kernels let nvJPEG's run; done by the caller, the host would wait for the step and
@@ -824,6 +825,16 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], l
             done.record(side)
         return out, done
 
+    def hand_over(out, done):
+        caller = torch.cuda.current_stream(device)
+        caller.wait_event(done)
+        _record_stream(out, caller)
+        return out
+
+    if not thread:
+        for batch in batches:
+            yield hand_over(*finish_on_side(batch))
+        return
     it = iter(batches)          # iterated here, in the caller's thread; only finish runs in the other
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches_on_device")
     try:
@@ -833,10 +844,7 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], l
             nxt = next(it, _END)
             if nxt is not _END:
                 pending.append(pool.submit(finish_on_side, nxt))
-            caller = torch.cuda.current_stream(device)
-            caller.wait_event(done)
-            _record_stream(out, caller)
-            yield out
+            yield hand_over(out, done)
             out = None      # from here the caller's references alone keep the batch (freed when it drops it)
     finally:                # also when the caller stops early: no batch is finished after this returns
         pool.shutdown(wait=True, cancel_futures=True)

@@ -89,7 +89,7 @@ if mode == "threads":
 
     def threads(rnd: int, workers: int, switch: float, ahead: int) -> float:
         sys.setswitchinterval(switch)
-        bench.batches_on_device = lambda b, f, d: original(b, f, d, ahead)
+        bench.batches_on_device = lambda b, f, d, thread=True: original(b, f, d, ahead, thread)
         try:
             return bench._loader_rate(step, ds, cfg.cls_batch, replace(cfg, workers=workers), device, seed=10 + rnd,
                                       **gpu_decode)

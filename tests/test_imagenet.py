@@ -493,6 +493,13 @@ def test_batches_on_device_hands_each_batch_over_to_the_callers_stream(monkeypat
         want.append(("caller gets", k, None if k == 1 else k))
     assert caller == want
 
+    log.clear()        # thread=False: the same hand-over, each batch finished in the caller's thread
+    Event.count = 0
+    for k, out in enumerate(dataset.batches_on_device([0, None, 2], finish, cuda, thread=False)):
+        log.append(("caller gets", k, None if out is None else int(out[0][0])))
+    assert [e for e in log if e[0] == "finish"] == [("finish", b, "side", False) for b in (0, None, 2)]
+    assert [e for e in log if e[0] != "finish"] == want[:want.index(("caller gets", 2, 2)) + 1]
+
     log.clear()
     got = dataset.batches_on_device([0, 1, "bad", 3], finish, cuda)
     assert int(next(got)[0][0]) == 0 and int(next(got)[0][0]) == 1
