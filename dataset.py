@@ -793,15 +793,15 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], l
 
     On a GPU the finishing runs in a thread of its own (``thread=False``: in the caller's, as
     bench.py compares), which works on the batch the caller will ask for next and on ``ahead``
-    more, on a CUDA stream of its own (:func:`_side_stream`). The thread: the decode and the ~128 kernel
-    launches of a batch's warps cost the host ~5 ms per 64 images, and torchvision's JPEG decode
-    holds the host until its images are done, which on a GPU busy with a training step means until
-    the step's kernels let nvJPEG's run; done by the caller, the host would wait for the step and
-    the step for the host (an H200, 2026-11-27, without the thread: 3,101 trained images/s against
+    more, on a CUDA stream of its own (:func:`_side_stream`). The thread: the decode and the warps
+    cost the host 5-8 ms per 64 images (H200 machines), and torchvision's JPEG decode holds its
+    caller until its images are done, which on a GPU busy with a training step can mean until the
+    step's kernels let nvJPEG's run; done by the caller, the host would wait for the step and the
+    step for the host (an H200, 2026-11-27, without the thread: 3,101 trained images/s against
     7,753 for the step alone and 7,684 for the data alone; with it, on another H200, 4,382 against
     8,764 and 8,181). PyTorch's and torchvision's calls release the GIL while they work, so the
-    caller goes on queueing steps meanwhile. The stream: the decode waits for the
-    earlier batches' decoding only (:func:`_decode_jpegs`), never for a step.
+    caller goes on queueing steps meanwhile. The stream: the decode waits for the earlier batches'
+    decoding only (:func:`_decode_jpegs`), never for a step.
 
     Each batch is handed over safely to the stream that is current when the caller asks for it (the
     training step's): that stream waits for the event recorded after the batch's work on the side

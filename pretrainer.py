@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
     p.add_argument("--gpu-decode", action="store_true", help="decode the training JPEGs on the training device, a "
                    "batch at a time (nvJPEG on a GPU), and crop, resize and flip them there; the loader workers only "
-                   "read the files. For a GPU whose host CPUs cannot decode fast enough (on a CPU it moves the "
-                   "decode into the training process)")
+                   "read the files. For a GPU whose host CPUs cannot decode fast enough; measure first (bench.py's "
+                   "train section): on 16-core H200 hosts the workers' decode trained faster (on a CPU it moves "
+                   "the decode into the training process)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")
     p.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N optimizer steps "
