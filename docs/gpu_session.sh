@@ -2,7 +2,7 @@
 # The GPU checks issue 6 still needs, as one prepared call for a lent GPU machine (python3 with
 # PyTorch, torchvision, tensorboard, tqdm and pytest; no network), run from the repository root:
 #   OUT=<folder for the results> bash docs/gpu_session.sh
-# About 4-5 minutes on an H100/H200. BENCH_ARGS replaces the bench's arguments (default: the train
+# About 3 minutes on an H200 (178-187 s, 2026-11-27). BENCH_ARGS replaces the bench's arguments (default: the train
 # section, --gpu-decode's rows included, and the matmul peak that its MFU needs; add --compile and
 # more sections for the whole table, ~3 more minutes). Writes into $OUT (6 files): bench.json and the
 # output of each step (bench_log.txt, profile.txt, gpu_tests.txt, demo_detector.txt, demo_pretrainer.txt).
