@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -806,8 +807,12 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], l
     Each batch is handed over safely to the stream that is current when the caller asks for it (the
     training step's): that stream waits for the event recorded after the batch's work on the side
     stream, and the batch's device tensors are marked as used by it (``record_stream``), so that
-    their memory goes back to the side stream only once the caller's work on them is done. An error
-    in ``batches`` or ``finish`` reaches the caller, with its traceback, in the batch's place."""
+    their memory goes back to the side stream only once the caller's work on them is done. The
+    warnings of a batch's finishing (a skipped image) are issued in the caller's thread as the
+    batch is handed over (:func:`_warn`): the ``warnings`` filters are the process's, and one that
+    the caller's thread has turned into errors for a moment (``decode_encoded``, in a loader
+    without workers) must not raise in this thread. An error in ``finish`` or in ``batches``
+    reaches the caller, with its traceback, after the batches before it."""
     device = torch.device(device)
     if device.type != "cuda":
         for batch in batches:
@@ -819,13 +824,19 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], l
     side = _side_stream(device)
 
     def finish_on_side(batch):
-        with torch.cuda.device(device), torch.cuda.stream(side):
-            out = finish(batch, device)
-            done = torch.cuda.Event()
-            done.record(side)
-        return out, done
+        _deferred.messages = []
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                out = finish(batch, device)
+                done = torch.cuda.Event()
+                done.record(side)
+            return out, done, _deferred.messages
+        finally:
+            _deferred.messages = None
 
-    def hand_over(out, done):
+    def hand_over(out, done, messages):
+        for message in messages:
+            warnings.warn(message)
         caller = torch.cuda.current_stream(device)
         caller.wait_event(done)
         _record_stream(out, caller)
@@ -837,20 +848,46 @@ def batches_on_device(batches: Iterable, finish: Callable[[Any, torch.device], l
         return
     it = iter(batches)          # iterated here, in the caller's thread; only finish runs in the other
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches_on_device")
-    try:
-        pending = collections.deque(pool.submit(finish_on_side, b) for b in itertools.islice(it, ahead + 1))
-        while pending:
-            out, done = pending.popleft().result()
+    failed: Exception | None = None     # an error of the loader's, raised after the batches before it
+
+    def submit_next(pending: collections.deque) -> None:
+        nonlocal failed
+        try:
             nxt = next(it, _END)
-            if nxt is not _END:
-                pending.append(pool.submit(finish_on_side, nxt))
-            yield hand_over(out, done)
-            out = None      # from here the caller's references alone keep the batch (freed when it drops it)
+        except Exception as e:
+            failed, nxt = e, _END
+        if nxt is not _END:
+            pending.append(pool.submit(finish_on_side, nxt))
+
+    try:
+        pending: collections.deque = collections.deque()
+        for _ in range(ahead + 1):
+            if failed is None:
+                submit_next(pending)
+        while pending:
+            if failed is None:
+                submit_next(pending)
+            # one expression: while the caller has the batch, nothing here keeps it (it is freed, to the
+            # side stream once the caller's queued work on it is done, as soon as the caller drops it)
+            yield hand_over(*pending.popleft().result())
+        if failed is not None:
+            raise failed
     finally:                # also when the caller stops early: no batch is finished after this returns
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 _END = object()
+_deferred = threading.local()      # in batches_on_device's thread: the messages _warn keeps for the caller
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn(message)``, or in :func:`batches_on_device`'s thread, the message kept for
+    the caller's thread to issue with the batch."""
+    kept = getattr(_deferred, "messages", None)
+    if kept is None:
+        warnings.warn(message, stacklevel=2)
+    else:
+        kept.append(message)
 
 
 def _record_stream(batch: list | None, stream: "torch.cuda.Stream") -> None:
@@ -912,17 +949,17 @@ def _decode_jpegs(datas: list[Tensor], paths: list[Path], sizes: list[tuple[int,
                     cpu = decode_pil(data, path) if device.type == "cuda" else decode_encoded(data, path)
                     out.append(cpu.to(device))
                 except DataError as e:
-                    warnings.warn(f"skipped: {e}")
+                    _warn(f"skipped: {e}")
                     out.append(None)
                     continue
                 if device.type != "cpu" and not _DEVICE_DECODER_REFUSED:    # once: it may refuse every image
                     _DEVICE_DECODER_REFUSED.append(path)
                     reason = str(refused).splitlines()[0][:200]
-                    warnings.warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
+                    _warn(f"{path}: the {device.type} JPEG decoder refused it ({reason}); decoded on the "
                                   "CPU, as any other image it refuses will be (said once)")
     for k, (image, (h, w), path) in enumerate(zip(out, sizes, paths)):
         if image is not None and tuple(image.shape[-2:]) != (h, w):
-            warnings.warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
+            _warn(f"skipped: {path}: decoded to {image.shape[-1]}x{image.shape[-2]} pixels, its header says "
                           f"{w}x{h}")
             out[k] = None
     return out

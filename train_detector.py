@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch at a time (nvJPEG on a GPU), and warp them there; the loader workers read the files, draw "
                    "the augmentation from the header's size and encode the targets. For a GPU whose host CPUs cannot "
                    "decode fast enough; measure first (bench.py's train section): on 16-core H200 hosts the "
-                   "workers' decode trained as fast (on a CPU it moves the decode into the training process; with "
+                   "workers' decode trained at least as fast (on a CPU it moves the decode into the training process; with "
                    "it --cache-images caches nothing)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels (bitwise reproducible on CPU)")

@@ -2,9 +2,11 @@
 time, stage by stage, on bench.py's generated ImageNet-size JPEGs (~500x400, ~75 KB). Run it from
 the repository root: ``python3 docs/profile_gpu_decode.py [cuda|cpu]``.
 
-The goal is 5,000 trained images/s end to end; the step alone runs at ~5,900 on an H200, so the main
-process has ~12.8 ms per batch of 64 to finish a batch (decode + warp) while also queueing the step.
-Each stage is timed over one batch of 64, the host clock read after a device sync, best of 5:
+The goal is 5,000 trained images/s end to end, 12.8 ms per batch of 64, in which the training
+process must finish a batch (decode + warp) besides queueing the step (the step alone ran at 7,753
+and 8,764 img/s on H200 machines, 8.3 and 7.3 ms per batch). Each stage is timed over one batch of
+64, the host clock read after a device sync, best of 5 (the "call's" rows: one call, its host time
+against its device time):
 
 1. ``collate_encoded`` of 64 items (the worker's last act; host only);
 2. nvJPEG: ``torchvision.io.decode_jpeg`` of the 64 files in one call, and at batch 16 and 1;
@@ -12,8 +14,8 @@ Each stage is timed over one batch of 64, the host clock read after a device syn
 3. the 64 warps one by one (``dataset.warp_image``) and ``stack_images``, against
    ``dataset.warp_images`` (the batch form, fewer launches; its pixels compared);
 4. ``finish_on_device`` (2 + 3 as training runs them), with either warp;
-5. a torch.profiler summary of 10 batches through ``dataset.batches_on_device`` (the slowest ops
-   by host time).
+5. a torch.profiler summary of 10 batches through ``dataset.batches_on_device(thread=False)``
+   (the slowest ops by host time; in its thread the profiler would not see them).
 """
 import sys
 import time
@@ -115,7 +117,7 @@ for form, devices in (("per-image warps", set()), ("batched warp", {device.type}
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
-    for out in dataset.batches_on_device([batch] * 10, ds.finish_on_device, device):   # the batched warp
+    for out in dataset.batches_on_device([batch] * 10, ds.finish_on_device, device, thread=False):
         pass
     sync()
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))

@@ -206,7 +206,7 @@ def test_gpu_decode_batched_warp_is_the_workers_batch_within_a_level(bad_tree, m
     # resize), the images decoded in the workers (PNGs, CMYK) in their places, the truncated one dropped.
     import warnings
     import dataset
-    from dataset import collate_encoded, collate_skip_none
+    from dataset import collate_encoded, collate_skip_none, warp_images
     _add_second_png(bad_tree)
     kw = dict(train=True, jitter=0.2, hsv=1.5, seed=3)
     plain = VOCDetection(bad_tree, "2007-trainval", DEMO_CLASSES, 64, 7, **kw)
@@ -216,9 +216,12 @@ def test_gpu_decode_batched_warp_is_the_workers_batch_within_a_level(bad_tree, m
         ref = collate_skip_none([plain[i] for i in range(len(plain))])
         raw = collate_encoded([on_device[i] for i in range(len(on_device))])
         monkeypatch.setattr(dataset, "BATCHED_WARP_DEVICES", {"cpu"})
+        calls = []
+        monkeypatch.setattr(dataset, "warp_images", lambda *a: calls.append(len(a[0])) or warp_images(*a))
         images, targets, info = on_device.finish_on_device(raw, torch.device("cpu"))
         monkeypatch.undo()
         one_by_one = on_device.finish_on_device(raw, torch.device("cpu"))[0]
+    assert calls == [len(ref[0]) - 3]               # one batched warp, of every JPEG decoded here
     assert torch.equal(targets, ref[1]) and torch.equal(info[:, :5], ref[2])
     assert images.shape == ref[0].shape and images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(one_by_one, ref[0])                     # the per-image warp: the workers' pixels

@@ -434,6 +434,7 @@ def test_batches_on_device_hands_each_batch_over_to_the_callers_stream(monkeypat
     # while the step still reads it. Errors reach the caller; stopping early stops the thread.
     import contextlib
     import threading
+    import time
     import dataset
     log: list[tuple] = []
     local = threading.local()
@@ -480,15 +481,24 @@ def test_batches_on_device_hands_each_batch_over_to_the_callers_stream(monkeypat
         log.append(("finish", batch, current().name, threading.get_ident() != main))
         if batch == "bad":
             raise ValueError("bad batch")
+        if batch == 3:
+            dataset._warn("skipped: an image of batch 3")     # as _decode_jpegs warns
         return None if batch is None else [torch.full((2,), batch).as_subclass(DeviceTensor), torch.zeros(1)]
 
+    def show(message, *args, **kwargs):      # where each warning is issued: the caller's thread only
+        log.append(("warned", str(message), threading.get_ident() == main))
+
     cuda = torch.device("cuda", 0)
-    for k, out in enumerate(dataset.batches_on_device([0, None, 2, 3, 4], finish, cuda)):
-        log.append(("caller gets", k, None if out is None else int(out[0][0])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", show)
+        for k, out in enumerate(dataset.batches_on_device([0, None, 2, 3, 4], finish, cuda)):
+            log.append(("caller gets", k, None if out is None else int(out[0][0])))
     assert [e for e in log if e[0] == "finish"] == [("finish", b, "side", True) for b in (0, None, 2, 3, 4)]
     caller = [e for e in log if e[0] != "finish"]
     want = []
     for k in range(5):
+        want += [("warned", "skipped: an image of batch 3", True)] if k == 3 else []     # with its batch
         want += [("wait", "caller", f"event {k} on side")] + ([("record", "caller", k)] if k != 1 else [])
         want.append(("caller gets", k, None if k == 1 else k))
     assert caller == want
@@ -500,24 +510,42 @@ def test_batches_on_device_hands_each_batch_over_to_the_callers_stream(monkeypat
     assert [e for e in log if e[0] == "finish"] == [("finish", b, "side", False) for b in (0, None, 2)]
     assert [e for e in log if e[0] != "finish"] == want[:want.index(("caller gets", 2, 2)) + 1]
 
-    log.clear()
-    got = dataset.batches_on_device([0, 1, "bad", 3], finish, cuda)
+    # errors come after the batches before them: finish's, and the loader's (raised while the thread
+    # is batches ahead of the caller)
+    got = dataset.batches_on_device([0, 1, "bad", 4], finish, cuda)
     assert int(next(got)[0][0]) == 0 and int(next(got)[0][0]) == 1
     with pytest.raises(ValueError, match="bad batch"):
         next(got)
+
+    def loader():
+        yield from (0, 1, 2)
+        raise RuntimeError("worker died")
+    got = dataset.batches_on_device(loader(), finish, cuda)
+    assert [int(next(got)[0][0]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="worker died"):
+        next(got)
+
+    # the caller stops: the batch being finished completes, those queued behind it never start
     log.clear()
-    early = dataset.batches_on_device(range(100), finish, cuda, ahead=2)
-    next(early)
-    early.close()                        # the caller stops: no batch is finished after that
+
+    def slow(batch, device):
+        time.sleep(0.2)
+        return finish(batch, device)
+    early = dataset.batches_on_device(range(100), slow, cuda, ahead=2)
+    next(early)                          # batch 0; the thread goes on to batch 1, 2 and 3 wait
+    early.close()
     finished = len([e for e in log if e[0] == "finish"])
-    assert finished <= 4 and not [t for t in threading.enumerate() if t.name.startswith("batches_on_device")]
+    time.sleep(0.5)
+    assert finished == 2 and len([e for e in log if e[0] == "finish"]) == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("batches_on_device")]
 
 
-def _loader_and_reference(tree: Path, device: torch.device):
+def _loader_and_reference(tree: Path, device: torch.device, batch_size: int = 6):
     from torch.utils.data import DataLoader
     from dataset import collate_encoded
     ds = load_imagenet(tree, 64, seed=5, decode_on_device=True).train
-    loader = DataLoader(ds, batch_size=6, collate_fn=collate_encoded, num_workers=2, pin_memory=device.type == "cuda")
+    loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate_encoded, num_workers=2,
+                        pin_memory=device.type == "cuda")
     return ds, loader, [ds.finish_on_device(b, device) for b in loader]     # on the caller's stream, one by one
 
 
@@ -535,9 +563,12 @@ def test_batches_on_device_gives_the_batches_finish_on_device_gives(tree: Path) 
 def test_batches_on_device_on_cuda_waits_for_each_batch_and_keeps_its_memory(tree: Path) -> None:
     # 1. Each batch is written on the side stream ~100 ms after its finish returns, and the caller
     #    copies it at once: without the caller's wait for the side stream the copies read zeros.
-    # 2. The caller's copy of each batch waits ~100 ms on its stream while the caller drops the batch
-    #    and the next finish scribbles over a fresh block of the same size at once: without
-    #    record_stream that block would be the dropped batch's memory, and the copy would read 255s.
+    # 2. The caller's copy of each batch waits ~100 ms on its stream while the caller drops the batch;
+    #    then (not before: the thread waits for it) the next finish scribbles over a fresh block of the
+    #    same size at once: without record_stream that block would be the dropped batch's memory, and
+    #    the copy would read 255s. Batches of 2, so that most finishes come after a drop.
+    import itertools
+    import threading
     from dataset import batches_on_device
     dev = torch.device("cuda", torch.cuda.current_device())
     ds, loader, ref = _loader_and_reference(tree, dev)
@@ -557,18 +588,29 @@ def test_batches_on_device_on_cuda_waits_for_each_batch_and_keeps_its_memory(tre
         return [image, *out[1:]]
     early = [b[0].clone() for b in batches_on_device(loader, late, dev)]
 
+    assert len(early) == len(ref)
+    for a, want in zip(early, ref):
+        assert torch.equal(a, want[0])
+
+    ds, loader, ref = _loader_and_reference(tree, dev, batch_size=2)
+    dropped = [threading.Event() for _ in ref]
+    count = itertools.count()
+
     def scribbling(batch, device):
-        torch.full((6 * 3 * 64 * 64,), 255, dtype=torch.uint8, device=device)    # freed at once: a fresh block
+        k = next(count)
+        assert k == 0 or dropped[k - 1].wait(timeout=60), "the caller never dropped its batch"
+        torch.full((2 * 3 * 64 * 64,), 255, dtype=torch.uint8, device=device)    # freed at once: a fresh block
         return ds.finish_on_device(batch, device)
     copies = []
-    for batch in batches_on_device(loader, scribbling, dev):
+    for k, batch in enumerate(batches_on_device(loader, scribbling, dev)):
         torch.cuda._sleep(sleep_100ms)
         copies.append(batch[0].clone())
         del batch
+        dropped[k].set()
     torch.cuda.synchronize()
-    assert len(early) == len(copies) == len(ref)
-    for a, c, want in zip(early, copies, ref):
-        assert torch.equal(a, want[0]) and torch.equal(c, want[0])
+    assert len(copies) == len(ref) == -(-len(ds) // 2) >= 5       # several finishes after a drop
+    for c, want in zip(copies, ref):
+        assert torch.equal(c, want[0])
 
 
 def test_unreadable_image_is_skipped_with_a_warning_naming_it(tree: Path, tmp_path: Path) -> None:
