@@ -671,18 +671,25 @@ def _time_steps(step: Callable, batches: Iterator, warmup: int, steps: int, batc
 
 
 @contextlib.contextmanager
+def _flipped(devices: set[str], device: torch.device) -> Iterator[bool]:
+    """Inside the block ``device.type``'s membership of ``devices`` (a module's set, read at every
+    call) is flipped; yields whether it is a member there."""
+    saved = set(devices)
+    devices ^= {device.type}
+    try:
+        yield device.type in devices
+    finally:
+        devices.clear()
+        devices.update(saved)
+
+
+@contextlib.contextmanager
 def other_stem_form(device: torch.device) -> Iterator[str]:
     """Inside the block the stem (``model.SpaceToDepthConv2d``) takes the form it does not take on
     ``device``: direct on a GPU, space-to-depth on a CPU. Yields that form's name."""
     import model as model_module
-    devices = model_module.SPACE_TO_DEPTH_DEVICES      # changed in place: the module reads it at every call
-    saved = set(devices)
-    devices ^= {device.type}
-    try:
-        yield "space-to-depth" if device.type in devices else "direct"
-    finally:
-        devices.clear()
-        devices.update(saved)
+    with _flipped(model_module.SPACE_TO_DEPTH_DEVICES, device) as space_to_depth:
+        yield "space-to-depth" if space_to_depth else "direct"
 
 
 @contextlib.contextmanager
@@ -691,14 +698,8 @@ def other_warp_form(device: torch.device) -> Iterator[str]:
     image by image (``dataset.warp_image``) on a GPU, batched (``dataset.warp_images``) on a CPU.
     Yields that form's name."""
     import dataset as dataset_module
-    devices = dataset_module.BATCHED_WARP_DEVICES     # changed in place: read at every batch
-    saved = set(devices)
-    devices ^= {device.type}
-    try:
-        yield "batched warp" if device.type in devices else "per-image warps"
-    finally:
-        devices.clear()
-        devices.update(saved)
+    with _flipped(dataset_module.BATCHED_WARP_DEVICES, device) as batched:
+        yield "batched warp" if batched else "per-image warps"
 
 
 def _other_stem_row(report: Report, section: str, name: str, step: Callable, first: tuple, batch: int,
@@ -923,21 +924,20 @@ def part_gpu_decode(report: Report, cfg: BenchConfig, ws: Workspace, peak: Peak)
         ds = (detector_dataset(ws, cfg.det_size, decode_on_device=True) if name == "detector"
               else classifier_dataset(ws, cfg.cls_size, decode_on_device=True))
         note = f"{note}; {decoder}: decode + warp on the device; {_loader_note(cfg, device)}"
-        rate = _loader_rate(step, ds, batch, cfg, device, seed=3, collate=collate_encoded, finish=ds.finish_on_device)
-        _report_training(report, "train", name, f"end to end, --gpu-decode ({cfg.workers} workers)", rate, flops,
-                         peak, note, f"train_{name}_e2e_gpu_decode")
-        rate = _loader_rate(lambda *b: None, ds, batch, cfg, device, seed=4, collate=collate_encoded,
-                            finish=ds.finish_on_device)
-        report.add("train", f"{name} data alone, --gpu-decode ({cfg.workers} workers)", rate, "img/s", note,
-                   key=f"loader_{name}_gpu_decode_images_per_s")
+
+        def rate_of(fn: Callable, seed: int, thread: bool = True) -> float:
+            return _loader_rate(fn, ds, batch, cfg, device, seed=seed, collate=collate_encoded,
+                                finish=ds.finish_on_device, thread=thread)
+        _report_training(report, "train", name, f"end to end, --gpu-decode ({cfg.workers} workers)", rate_of(step, 3),
+                         flops, peak, note, f"train_{name}_e2e_gpu_decode")
+        report.add("train", f"{name} data alone, --gpu-decode ({cfg.workers} workers)", rate_of(lambda *b: None, 4),
+                   "img/s", note, key=f"loader_{name}_gpu_decode_images_per_s")
         with other_warp_form(device) as form:      # which warp pays, same step, same run
-            rate = _loader_rate(step, ds, batch, cfg, device, seed=5, collate=collate_encoded,
-                                finish=ds.finish_on_device)
+            rate = rate_of(step, 5)
         report.add("train", f"{name} train end to end, --gpu-decode, {form}", rate, "img/s",
                    f"the warp {device.type} does not use (dataset.BATCHED_WARP_DEVICES)",
                    key=f"train_{name}_e2e_gpu_decode_other_warp_images_per_s")
-        rate = _loader_rate(step, ds, batch, cfg, device, seed=6, collate=collate_encoded,
-                            finish=ds.finish_on_device, thread=False)
+        rate = rate_of(step, 6, thread=False)
         report.add("train", f"{name} train end to end, --gpu-decode, finished by the training loop", rate,
                    "img/s", "dataset.batches_on_device(thread=False): decode and warps in the loop's own "
                    "thread (on a GPU; the same as the first row on a CPU)",

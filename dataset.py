@@ -232,10 +232,9 @@ def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip
     device (on a GPU nearly free; a 448 px transposition costs a CPU core ~0.17 ms). The pixels
     are those of a ``(3, H, W)`` crop resized the plain way (a test checks)."""
     left, top, w, h = window
-    H, W = image.shape[-2:]
-    x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + w, W), min(top + h, H)
+    (x0, y0, x1, y1), inside = _window_in_image(window, *image.shape[-2:])
     hwc = image.permute(1, 2, 0)                                          # (H, W, 3), a view
-    if (x0, y0, x1, y1) == (left, top, left + w, top + h):
+    if inside:
         crop = hwc[top:top + h, left:left + w].contiguous()   # dense: the resize's fast path (0.3 vs 0.6 ms)
     else:
         crop = torch.empty((h, w, 3), dtype=image.dtype, device=image.device)
@@ -248,6 +247,14 @@ def warp_image(image: Tensor, window: tuple[int, int, int, int], size: int, flip
         return out.flip(-1)                                                 # flip keeps the memory order
     # never the caller's own pixels (resize returns its input at the same size: an identity window)
     return out.clone() if out.untyped_storage().data_ptr() == image.untyped_storage().data_ptr() else out
+
+
+def _window_in_image(window: tuple[int, int, int, int], H: int, W: int) -> tuple[tuple[int, int, int, int], bool]:
+    """The part of ``window`` ``(left, top, w, h)`` inside an ``H`` x ``W`` image, as ``(x0, y0,
+    x1, y1)``, and whether that is the whole window (no padding needed)."""
+    left, top, w, h = window
+    box = (max(left, 0), max(top, 0), min(left + w, W), min(top + h, H))
+    return box, box == (left, top, left + w, top + h)
 
 
 # Where decode_on_device_batch warps a batch with warp_images rather than image by image (warp_image): on
@@ -274,9 +281,8 @@ def warp_images(images: Sequence[Tensor], windows: Sequence[tuple[int, int, int,
         raise ValueError("warp_images needs at least one image")
     out = []
     for image, (left, top, w, h), flip in zip(images, windows, flips):
-        H, W = image.shape[-2:]
-        x0, y0, x1, y1 = max(left, 0), max(top, 0), min(left + w, W), min(top + h, H)
-        if (x0, y0, x1, y1) == (left, top, left + w, top + h):
+        (x0, y0, x1, y1), inside = _window_in_image((left, top, w, h), *image.shape[-2:])
+        if inside:
             crop = image[:, top:top + h, left:left + w].float()            # one copy, converted on the way
         else:
             crop = _fill_pixel(image.device, tuple(fill), torch.float32).view(3, 1, 1).expand(3, h, w).contiguous()
