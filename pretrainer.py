@@ -48,8 +48,8 @@ from utils import (GracefulStop, ResumableSampler, RunFolder, ShardSampler, all_
                    check_batch_norm_batch, check_config_compatible, cleanup_distributed, finite_float,
                    gather_rng_states, load_checkpoint, load_resume, load_weights, make_optimizer, print_problems,
                    record_bad_step, remove_partial_checkpoints, require_checkpoint, restore_training_state,
-                   restore_unless, reuse_freed_memory, run_cli, run_folder_path, save_checkpoint, seed_everything,
-                   setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
+                   restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position, save_checkpoint,
+                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
                    to_channels_last)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
@@ -631,8 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
         restore_training_state(ckpt, scaler, rank, world)
         ckpt = None     # (the loaded optimizer state is in the optimizer now)
         if is_main:
-            print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']} "
-                  f"({state['step_in_epoch']} into the epoch)")
+            print(f"resumed from {resume_path} at {run_position(state, cfg.epochs)}")
     raw_model = model
     bn_buffers = [b for m in raw_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for b in m.buffers()]
@@ -724,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if is_main:
         if stopper.signum is not None:
-            print(f"stopped by {signal.Signals(stopper.signum).name} at epoch {state['epoch']}, step {state['step']}: "
+            print(f"stopped by {signal.Signals(stopper.signum).name} at {run_position(state, cfg.epochs)}: "
                   f"{out_dir / 'last.pt'} written; continue with --resume auto --out-dir {out_dir}")
         metrics = {"best_top1": state["best_top1"], "best_top5": state["best_top5"], "final_top1": state["top1"],
                    "final_top5": state["top5"], "epochs": state["epoch"], "steps": state["step"],

@@ -37,9 +37,9 @@ from utils import (GracefulStop, ModelEMA, ResumableSampler, RunFolder, ShardSam
                    check_batch_norm_batch, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
                    finite_float, format_loss, gather_rng_states, load_checkpoint, load_resume, load_weights,
                    make_optimizer, predict, print_problems, record_bad_step, remove_partial_checkpoints,
-                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, run_folder_path,
-                   save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite,
-                   step_scheduler, sum_over_ranks, to_channels_last)
+                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position,
+                   save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
+                   sum_over_ranks, to_channels_last)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
         restore_training_state(ckpt, scaler, rank, world)
         ckpt = None     # (the loaded optimizer state is in the optimizer now: GBs for the paper model)
         if is_main:
-            print(f"resumed from {resume_path} at epoch {state['epoch']}, step {state['step']}")
+            print(f"resumed from {resume_path} at {run_position(state, cfg.epochs)}")
     raw_model = model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)   # rank 0's weights
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
             if stopper.requested():   # one decision for all processes (a signal may land on one between checks)
                 checkpoint("last.pt")
                 if is_main:
-                    print(f"stopped by signal {stopper.signum} at epoch {epoch + 1}, step {state['step']}; "
+                    print(f"stopped by signal {stopper.signum} at {run_position(state, cfg.epochs)}; "
                           f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto --out-dir {out_dir})")
                 cleanup_distributed()
                 sys.exit(stopper.exit_code)     # the writer is closed on the way out (except BaseException)

@@ -838,6 +838,16 @@ def format_loss(terms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in terms.items())
 
 
+def run_position(state: dict, epochs: int) -> str:
+    """Where a training run stands, for its stop and resume messages, counting epochs from 1 as the
+    progress bars do: ``state["epoch"]`` is the 0-based epoch under way (or next), ``state["step_in_epoch"]``
+    the steps of it done, ``state["step"]`` the steps done in all."""
+    e, k, step = state["epoch"], state["step_in_epoch"], state["step"]
+    if k:
+        return f"epoch {e + 1}/{epochs}, {k} steps into it (step {step})"
+    return f"the end of epoch {e}/{epochs} (step {step})" if e else f"the start (step {step})"
+
+
 class ShardSampler(torch.utils.data.Sampler[int]):
     """Indices ``rank, rank + world, ...``: every sample on exactly one process, none repeated.
 

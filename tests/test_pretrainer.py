@@ -177,7 +177,7 @@ def test_backbone_arrives_unchanged_in_the_detector(run: tuple[dict, Path]) -> N
 
 
 def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(run, tree: Path, tmp_path: Path,
-                                                                    monkeypatch) -> None:
+                                                                    monkeypatch, capsys) -> None:
     _, full = run
     original = ImageNetClassification.__getitem__
     fetched = {"train": 0}
@@ -195,10 +195,12 @@ def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(run, tree: P
     assert cut["exit_code"] == 0 and signal.getsignal(signal.SIGTERM) is handler
     state = load_checkpoint(tmp_path / "cut" / "last.pt")["state"]
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 2, 6)   # that batch's step finished
+    assert "stopped by SIGTERM at epoch 2/2, 2 steps into it (step 6)" in capsys.readouterr().out
     monkeypatch.undo()
 
     resumed = pretrainer.main(_args(tree, tmp_path / "cut", "--resume", "auto"))
     assert resumed["exit_code"] == 0 and resumed["step"] == 8
+    assert "at epoch 2/2, 2 steps into it (step 6)" in capsys.readouterr().out.split("resumed from", 1)[1]
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k

@@ -70,6 +70,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     assert 0 < ckpt["state"]["step"] < 12 and ckpt["state"]["step_in_epoch"] > 0
     resumed = subprocess.run(common + ["--out-dir", str(crash), "--resume", "auto"], check=True, env=env,
                              capture_output=True, text=True)
+    k = ckpt["state"]["step_in_epoch"]   # 6 steps per epoch: step k of epoch 1 is step k, of epoch 2 step 6 + k
+    assert f"at epoch {ckpt['state']['step'] // 6 + 1}/2, {k} steps into it (step {ckpt['state']['step']})" in \
+        resumed.stdout.split("resumed from", 1)[1], resumed.stdout
     a, b = read_log(full / "train_log.jsonl"), read_log(crash / "train_log.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
@@ -97,9 +100,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
-    assert "stopped by signal" in output
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["state"]["step"] >= 3 and ckpt["state"]["epoch"] < 50
+    e, k, step = ckpt["state"]["epoch"], ckpt["state"]["step_in_epoch"], ckpt["state"]["step"]
+    assert step == e * 6 + k    # 24 images in batches of 4
+    where = f"epoch {e + 1}/50, {k} steps into it" if k else f"the end of epoch {e}/50"
+    assert f"stopped by signal {int(signal.SIGTERM)} at {where} (step {step})" in output, output
 
 
 def test_nan_step_changes_nothing_and_repeated_nans_stop(tmp_path):
