@@ -10,7 +10,6 @@ import collections
 import contextlib
 import functools
 import io
-import itertools
 import math
 import os
 import re
@@ -26,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
@@ -41,6 +40,9 @@ VOC_CLASSES: tuple[str, ...] = (
 MEAN: tuple[float, float, float] = (0.4547857, 0.4349471, 0.40525291)
 STD: tuple[float, float, float] = (0.12003352, 0.12323549, 0.1392444)
 MAX_IMAGE_PIXELS = 64_000_000   # larger headers are refused as decompression bombs
+
+
+IMAGE_SKIPPED = "image skipped"   # how check_images's reason for an image that cannot be read ends
 
 
 class DataError(ValueError):
@@ -75,7 +77,8 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
     """Parse a VOC annotation file. Returns the annotation and a list of problems that were handled.
 
     Only ``<object>`` children of the root are objects (``<part>`` boxes of VOC person layout are
-    not). Coordinates may be written as floats. A missing ``difficult`` tag means 0. Objects of a
+    not). Coordinates may be written as floats. A missing ``difficult`` tag means 0, any nonzero
+    value 1 (as in the devkit). Objects of a
     class outside ``class_names`` and boxes with ``xmin > xmax`` or ``ymin > ymax`` are skipped
     and reported in the returned list (corners are inclusive: ``xmin == xmax`` is one pixel wide, as
     in the VOC devkit). Files with a DOCTYPE or entity declarations are refused
@@ -134,7 +137,7 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
             continue
         boxes.append(box)
         labels.append(class_names.index(name))
-        difficult.append(int(num(obj, "difficult", 0)) == 1)
+        difficult.append(int(num(obj, "difficult", 0)) != 0)   # any nonzero value, as the devkit reads it
     ann = Annotation(path.stem, width, height, np.array(boxes, np.float64).reshape(-1, 4),
                      np.array(labels, np.int64), np.array(difficult, bool))
     return ann, problems
@@ -490,7 +493,7 @@ def decode_pil(data: Tensor, path: Path, exif_orientation: bool = False) -> Tens
                 im = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
             array = np.asarray(im.convert("RGB"))                 # (H, W, 3) uint8
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{path}: cannot decode image ({_pil_reason(e)})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)    # (3, H, W), (H, W, 3) in memory like decode_image's
 
 
@@ -503,6 +506,8 @@ def torchvision_read(path: Path) -> Tensor:
 def _open_header(data: Tensor, path: Path):
     """The image in ``data`` opened by PIL, which reads only its header until asked for pixels;
     :class:`DataError` naming ``path`` for a file that is no image or a decompression bomb."""
+    if data.numel() == 0:
+        raise DataError(f"{path}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -511,7 +516,14 @@ def _open_header(data: Tensor, path: Path):
     except Image.DecompressionBombError as e:
         raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+        raise DataError(f"{path}: not a readable image ({_pil_reason(e)})") from None
+
+
+def _pil_reason(error: Exception) -> str:
+    """PIL's reason, first line, without the in-memory file object it names for unknown formats."""
+    if isinstance(error, UnidentifiedImageError):
+        return "no image format recognised in its bytes"
+    return str(error).splitlines()[0][:200]
 
 
 def image_header_size(data: Tensor, path: Path, with_orientation: bool = False) -> tuple[int, ...]:
@@ -635,7 +647,7 @@ class VOCDetection(Dataset):
                     data = torchvision_read(path)
                 W, H, orientation = image_header_size(data, path, with_orientation=True)
             except (DataError, OSError) as e:
-                problems.append((str(path), str(e).split(": ", 1)[-1] + "; image skipped"))
+                problems.append((str(path), f"{str(e).split(': ', 1)[-1]}; {IMAGE_SKIPPED}"))
                 continue
             if warning:
                 problems.append((str(path), f"decoded with a warning ({warning[:200]}): its pixels may be wrong; "

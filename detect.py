@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-count", type=int, default=6, help="images on the --grid sheet (default: 6)")
     p.add_argument("--grid-cols", type=int, default=3, help="columns of the --grid sheet (default: 3)")
     p.add_argument("--grid-cell", type=int, default=320, help="pixels per --grid image, longest side (default: 320)")
-    p.add_argument("--line-width", type=int, default=0, help="box line width in pixels (default: 0 = by image size)")
+    p.add_argument("--line-width", type=int, default=0, help="box line width in pixels, 0..64 (default: 0 = by image size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes (default: 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto = cuda if present)")
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.max_det < 1:
         p.error("--batch-size and --max-det must be >= 1, --workers >= 0")
+    if not 0 <= args.line_width <= 64:
+        p.error(f"--line-width must be in 0..64 pixels (0: by image size), got {args.line_width}")
     if not 0.0 <= args.conf < 1.0 or not 0.0 <= args.iou <= 1.0:
         p.error("--conf must be in [0, 1) and --iou in [0, 1]")
     if args.grid and (args.grid_count < 1 or args.grid_cols < 1 or not 16 <= args.grid_cell <= 4096):

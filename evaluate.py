@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -35,7 +34,8 @@ from dataset import VOC_CLASSES, DataError, VOCDetection, collate_skip_none, ima
     parse_voc_xml, resolve_voc_root
 from model import YoloConfig, YOLOv1
 from utils import (ModelEMA, ShardSampler, cleanup_distributed, finite_float, load_checkpoint, load_weights,
-                   not_a_folder, predict, prepare_for_inference, require_checkpoint, run_cli, setup_distributed)
+                   not_a_folder, predict, prepare_for_inference, require_checkpoint, run_cli, setup_distributed,
+                   write_json)
 from voc_eval import (GroundTruth, bench as bench_scoring, detections_from_pixels, evaluate_detections, format_table,
                       read_results_dir, write_results_dir)
 
@@ -324,33 +324,12 @@ def summarize(result: dict, **extra: Any) -> dict[str, Any]:
                           for k, v in result["per_class"].items()}, **extra}
 
 
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return x
-
-
-def write_json(path: str | Path, summary: dict[str, Any]) -> None:
-    """Write a summary as strict JSON (NaN AP, for classes without ground truth, becomes null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(_nan_to_none(summary), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)      # whole or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_results_dir(path: Path, class_names: Sequence[str], split: str, prefix: str) -> None:
+def check_results_dir(path: Path, class_names: Sequence[str], split: str, prefix: str) -> list[str]:
     """Refuse a results folder with no file for any class of this split (wrong --set, --data or
-    --results-prefix would otherwise score 0), or with files of classes the data does not have."""
+    --results-prefix would otherwise score 0), or with files of classes the data does not have;
+    return the classes without a file (scored as no detections)."""
     if not path.is_dir():
-        raise FileNotFoundError(f"results folder {path} does not exist")
+        raise FileNotFoundError(f"results folder {path} " + ("is a file" if path.exists() else "does not exist"))
     pattern = re.compile(re.escape(f"{prefix}{split}_") + r"(.+)\.txt")
     found = {m.group(1): f.name for f in path.iterdir() if (m := pattern.fullmatch(f.name))}
     foreign = sorted(set(found) - set(class_names))
@@ -361,6 +340,7 @@ def check_results_dir(path: Path, class_names: Sequence[str], split: str, prefix
         present = sorted(f.name for f in path.iterdir() if f.suffix == ".txt")[:5]
         raise ValueError(f"results folder {path} has no {prefix}{split}_<class>.txt file for --set's split "
                          f"{split!r} (found {present or 'no .txt files'}); check --set and --results-prefix")
+    return [c for c in class_names if c not in found]
 
 
 # ----------------------------------------------------------------------------- main
@@ -382,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gt, report = load_ground_truth(root, args.set, class_names, args.annotation_cache or None)
         t_ann = time.perf_counter() - t0
         results = Path(args.results)
-        check_results_dir(results, class_names, split, args.results_prefix)
+        no_file = check_results_dir(results, class_names, split, args.results_prefix)
         dets = read_results_dir(results, class_names, split, args.results_prefix)
         t0 = time.perf_counter()
         try:
@@ -397,6 +377,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{results}: {summary['num_detections']} detections of {len(gt)} images of {args.set} "
                   f"from {root} (annotations read in {t_ann:.2f}s)")
             _print_report(report)
+            lost = [c for c in no_file if result["per_class"][c]["npos"]]
+            if lost:   # scored as no detections, as the devkit would; said, since a file may have been lost
+                print(f"{results}: no {args.results_prefix}{split}_<class>.txt file for {', '.join(lost)}, of which "
+                      f"the set has objects: scored as no detections (AP 0)")
             _finish(summary, result, args)
         return summary
 

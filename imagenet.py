@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from dataset import (DataError, decode_encoded, decode_on_device_batch, read_encoded, read_image,
+from dataset import (IMAGE_SKIPPED, DataError, decode_encoded, decode_on_device_batch, read_encoded, read_image,
                      warp_image)
 from voc_eval import read_text
 
@@ -426,7 +426,7 @@ class ImageNetClassification(Dataset):
                 else:
                     check_image_header(path)
             except (DataError, OSError) as e:
-                problems.append((path, f"{_reason(e, path)}; image skipped"))
+                problems.append((path, f"{_reason(e, path)}; {IMAGE_SKIPPED}"))
         return problems
 
     def set_epoch(self, epoch: int) -> None:

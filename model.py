@@ -81,6 +81,8 @@ class YoloConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.width <= 4:
             raise ValueError(f"width must be in (0, 4], got {self.width}")
+        if not 0 <= self.dropout <= 1:
+            raise ValueError(f"dropout must be in [0, 1], got {self.dropout}")
         if self.head_stride not in (1, 2):
             raise ValueError(f"head_stride must be 2 (the paper) or 1, got {self.head_stride}")
         if self.image_size % 32:

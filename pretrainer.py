@@ -50,7 +50,7 @@ from utils import (GracefulStop, ResumableSampler, RunFolder, ShardSampler, all_
                    record_bad_step, remove_partial_checkpoints, require_checkpoint, restore_training_state,
                    restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position, save_checkpoint,
                    seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
-                   to_channels_last)
+                   to_channels_last, write_json)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -687,6 +687,9 @@ def main(argv: list[str] | None = None) -> dict:
                                     is_main, checkpoint, steps_per_epoch, stopper, bn_buffers, min_images)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written
                 break
+            if not state["epoch_meter"]["images"]:   # every step skipped: the same on every process
+                raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable "
+                                 "images (the warnings above name them); check the data with --check-data")
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = {"loss_sum": 0.0, "correct": 0.0, "images": 0}
             if world > 1:   # evaluate (and save) rank 0's BatchNorm statistics on every process
@@ -729,7 +732,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "final_top5": state["top5"], "epochs": state["epoch"], "steps": state["step"],
                    "skipped_steps": state["skipped_steps"], "skipped_images": state["skipped_images"],
                    "seconds": time.perf_counter() - t_start, "history": state["history"]}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(out_dir / "metrics.json", metrics)   # strict JSON (NaN as null), whole or not at all
         if stopper.signum is None:
             print(f"best top-1 {state['best_top1']:.2f}% (top-5 {state['best_top5']:.2f}%) | {out_dir / 'best.pt'}")
     if writer:

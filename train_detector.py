@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from dataset import (MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, collate_encoded, collate_skip_none,
-                     color_normalize)
+from dataset import (IMAGE_SKIPPED, MEAN, STD, VOC_CLASSES, VOCDetection, batches_on_device, collate_encoded,
+                     collate_skip_none, color_normalize)
 from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
@@ -39,7 +39,7 @@ from utils import (GracefulStop, ModelEMA, ResumableSampler, RunFolder, ShardSam
                    make_optimizer, predict, print_problems, record_bad_step, remove_partial_checkpoints,
                    restore_training_state, restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position,
                    save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
-                   sum_over_ranks, to_channels_last)
+                   sum_over_ranks, to_channels_last, write_json)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -493,6 +493,16 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.check_data:
         cleanup_distributed()
         return {"data_report": data_report}
+    # a training set with nothing to learn from is refused rather than trained on for nothing
+    unreadable = sum(why.endswith(IMAGE_SKIPPED) for _, why in data_report["train"])
+    if unreadable == len(train_set):
+        raise ValueError(f"{train_set.root} ({cfg.train_set}): none of its {len(train_set)} training images can be "
+                         "read (listed above)")
+    if not any(len(ann.labels) for _, ann in train_set.items):
+        unknown = sum("unknown class" in why for _, why in train_set.report)
+        raise ValueError(f"{train_set.root} ({cfg.train_set}): no object of --data {cfg.data}'s {len(class_names)} "
+                         f"classes in its {len(train_set)} annotations ({unknown} objects of other classes skipped, "
+                         "listed above)" + ("; wrong --data?" if unknown else ""))
     per_proc = cfg.batch_size // world
     train_sampler = ResumableSampler(train_set, world, rank, seed=cfg.seed)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_none,
@@ -619,6 +629,9 @@ def main(argv: list[str] | None = None) -> dict:
                           f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto --out-dir {out_dir})")
                 cleanup_distributed()
                 sys.exit(stopper.exit_code)     # the writer is closed on the way out (except BaseException)
+            if not state["epoch_meter"]["images"]:   # every step skipped: the same on every process
+                raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable "
+                                 "images (the warnings above name them); check the data with --check-data")
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = new_epoch_meter()
             if writer:
@@ -667,8 +680,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = {"metric": last_result["metric"], "final_map": last_result["map"], "best_map": state["best_map"],
                    "epochs": state["epoch"], "history": state["history"], "skipped_images": state["skipped_images"],
                    "skipped_steps": state["skipped_steps"],
-                   "final_ap": {k: (None if math.isnan(v) else v) for k, v in last_result["ap"].items()}}
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+                   "final_ap": last_result["ap"]}
+        write_json(out_dir / "metrics.json", metrics)   # strict JSON (NaN as null), whole or not at all
         print(f"final mAP ({last_result['metric']}): {last_result['map']:.4f} | best: {state['best_map']:.4f} "
               f"| {out_dir / 'metrics.json'}")
     if writer:

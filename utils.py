@@ -17,6 +17,7 @@ import dataclasses
 import errno
 import fcntl
 import functools
+import json
 import math
 import os
 import random
@@ -836,6 +837,29 @@ def record_bad_step(state: dict, step: int, detail: str, max_bad_steps: int, is_
 
 def format_loss(terms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in terms.items())
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def write_json(path: str | Path, summary: dict[str, Any]) -> None:
+    """Write ``summary`` as strict JSON, whole or not at all (a temporary file renamed over ``path``);
+    NaN (the AP of a class without ground truth, say) becomes null."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(_nan_to_none(summary), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)      # whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def run_position(state: dict, epochs: int) -> str:

@@ -90,7 +90,7 @@ def report_of(root):
 def test_check_data_names_every_problem(bad_tree):
     text = report_of(bad_tree)
     expected = {
-        "truncated.jpg": "decode", "zerobyte.jpg": "empty", "notimage.jpg": "not a readable image",
+        "truncated.jpg": "decode", "zerobyte.jpg": "empty", "notimage.jpg": "not a readable image (no image format recognised in its bytes)",
         "huge.jpg": "decompression bomb", "missing_image.jpg": "missing", "malformed_xml.xml": "malformed",
         "entity_xml.xml": "DOCTYPE", "degenerate.xml": "degenerate", "unknown_class.xml": "unicorn",
         "size_disagrees.jpg": "annotation says 640x480", "trainval.txt:": "unsafe image id",
@@ -103,7 +103,7 @@ def test_check_data_names_every_problem(bad_tree):
     }
     for file, reason in expected.items():
         assert any(file in line and reason in line for line in text.splitlines()), (file, reason, text)
-    assert "duplicate image id '000001'" in text
+    assert "duplicate image id '000001'" in text and "BytesIO" not in text
     for fine in ("gray.jpg", "cmyk.jpg", "alpha_png.jpg", "float_coords", "no_difficult", "no_objects", "/outside."):
         assert fine not in text, fine
 
@@ -295,3 +295,22 @@ def test_gpu_decode_batch_on_cuda_is_close_to_the_workers_batch(bad_tree):
     assert torch.equal(info[:, :5], ref[2][ref_rows]) and torch.equal(targets, ref[1][ref_rows])
     per_image = (images.int() - ref[0][ref_rows].int()).abs().flatten(1).float().mean(1)
     assert per_image.mean() < 3.0 and per_image.max() < 8.0, per_image    # another picture: tens of levels
+
+
+def test_a_training_set_with_nothing_to_learn_from_is_refused(tmp_path):
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    voc = root / "VOCdevkit" / "VOC2007"
+    args = ["--data", "demo", *TINY, "--data-root", str(root), "--epochs", "1"]
+    # the demo's annotations under the paper's 20 VOC classes: every object is of an unknown class
+    n_objects = sum((voc / "Annotations" / f"{i}.xml").read_text().count("<object>")
+                    for i in (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split())
+    with pytest.raises(ValueError, match=rf"no object of --data voc's 20 classes in its 8 annotations "
+                                         rf"\({n_objects} objects of other classes skipped.*wrong --data\?"):
+        train_detector.main(["--data", "voc", *args[2:], "--train-set", "2007-trainval", "--val-set", "2007-test",
+                             "--out-dir", str(tmp_path / "voc")])
+    assert not (tmp_path / "voc" / "last.pt").exists()
+    for i in (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split():
+        (voc / "JPEGImages" / f"{i}.jpg").write_bytes(b"")          # every training image unreadable
+    with pytest.raises(ValueError, match=r"none of its 8 training images can be read"):
+        train_detector.main([*args, "--out-dir", str(tmp_path / "empty")])
+    assert not (tmp_path / "empty" / "last.pt").exists()

@@ -55,6 +55,9 @@ def test_parse_genuine_voc2007(tmp_path):
     np.testing.assert_array_equal(ann.boxes, [[263, 211, 324, 339], [5, 244, 67, 374]])
     np.testing.assert_array_equal(ann.labels, [1, 0])
     np.testing.assert_array_equal(ann.difficult, [False, True])
+    p.write_text(GENUINE_2007.replace("<difficult>1</difficult>", "<difficult>7</difficult>"))
+    assert parse_voc_xml(p, CLASSES)[0].difficult.tolist() == [False, True]   # nonzero, as the devkit reads it
+    p.write_text(GENUINE_2007)
     # VOC 1-based inclusive -> 0-based continuous pixels: width stays xmax - xmin + 1
     px = VOCDetection.boxes_px(ann)
     assert px[0].tolist() == [262, 210, 324, 339]

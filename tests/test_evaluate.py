@@ -272,6 +272,20 @@ def test_results_errors(tmp_path):
         evaluate.main(["--results", str(empty), "--data-root", str(root), "--annotation-cache", ""])
     with pytest.raises(SystemExit):
         evaluate.main(["--results", str(res), "--data-root", str(root), "--save-results", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match=r"results folder .*comp4_det_test_dog\.txt is a file"):
+        evaluate.main(["--results", str(res / "comp4_det_test_dog.txt"), "--data-root", str(root),
+                       "--annotation-cache", ""])
+
+
+def test_results_without_the_file_of_a_class_with_objects_say_so(tmp_path, capsys):
+    root = write_voc(tmp_path / "voc", HAND)
+    res = write_hand_results(tmp_path / "res")
+    (res / "comp4_det_test_cat.txt").unlink()     # cat has an object; the 18 classes without one say nothing
+    out = evaluate.main(["--results", str(res), "--data-root", str(root), "--annotation-cache", ""])
+    assert out["ap"]["cat"] == 0 and out["per_class"]["cat"]["npos"] == 1
+    said = [line for line in capsys.readouterr().out.splitlines() if "file for" in line]
+    assert said == [f"{res}: no comp4_det_test_<class>.txt file for cat, of which the set has objects: scored as no "
+                    "detections (AP 0)"]
 
 
 def test_default_metric_and_split():

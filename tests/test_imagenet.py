@@ -75,7 +75,7 @@ def add_bad_images(folder: Path) -> dict[str, str]:
     (folder / "bomb.JPEG").write_bytes(png_bomb(100_000, 100_000))
     (folder / "gray.JPEG").write_bytes(jpeg(Image.fromarray(rgb[..., 0], "L")))
     (folder / "cmyk.JPEG").write_bytes(jpeg(Image.fromarray(rgb).convert("CMYK")))
-    return {"truncated.JPEG": "cannot decode", "zerobyte.JPEG": "empty file", "notimage.JPEG": "not a readable image",
+    return {"truncated.JPEG": "cannot decode", "zerobyte.JPEG": "empty file", "notimage.JPEG": "not a readable image (no image format recognised in its bytes)",
             "bomb.JPEG": "decompression bomb"}
 
 

@@ -338,6 +338,16 @@ def bad_tree(tree: Path, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return root, bad
 
 
+def test_an_epoch_in_which_no_step_ran_stops_the_run(tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "inet"
+    shutil.copytree(tree, root)
+    for f in (root / "train").rglob("*.JPEG"):    # train/ is not checked at start (only with --check-data)
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"epoch 1: no training step ran"):
+        pretrainer.main(_args(root, tmp_path / "run"))
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_check_data_names_each_unreadable_image_and_exits(bad_tree, tmp_path: Path, capsys) -> None:
     root, bad = bad_tree
     result = pretrainer.main(_args(root, tmp_path / "run", "--check-data"))
