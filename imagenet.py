@@ -258,10 +258,12 @@ def _same_file(a: Path, b: Path) -> bool:
                 return True
 
 
-def prepare_val(val_dir: str | Path, labels: dict[str, str]) -> PrepareReport:
+def prepare_val(val_dir: str | Path, labels: dict[str, str], classes: set[str] | None = None) -> PrepareReport:
     """Arrange a flat val folder into ``val_dir/<wnid>/<file>`` class folders, safely.
 
-    Plans every move first. A file whose destination already holds *different* bytes stops the
+    Plans every move first. With ``classes`` (train/'s class folders), a label of an image to be
+    arranged that is none of them stops the run with a :class:`DataError`, before anything is
+    changed (training would refuse that class folder). A file whose destination already holds *different* bytes stops the
     whole run with a :class:`FileExistsError` naming both, before anything is changed; a
     destination with the same bytes (a run interrupted between link and unlink) just drops the
     duplicate source. Nothing is ever overwritten, nothing deleted that is not also in place, and
@@ -273,6 +275,7 @@ def prepare_val(val_dir: str | Path, labels: dict[str, str]) -> PrepareReport:
     report = PrepareReport()
     plan: list[tuple[Path, Path]] = []
     conflicts: list[str] = []
+    foreign: list[str] = []    # labels that are no train class
     loose: dict[str, Path] = {}
     for p in loose_images(val_dir):   # labels are keyed by file stem: two files with one stem are ambiguous
         if p.stem in loose:
@@ -292,10 +295,15 @@ def prepare_val(val_dir: str | Path, labels: dict[str, str]) -> PrepareReport:
             else:
                 report.missing.append(image_id)
             continue
+        if classes is not None and wnid not in classes:
+            foreign.append(f"{src.name} ({wnid})")
         dst = val_dir / wnid / src.name
         if dst.exists() and not _same_file(src, dst):
             conflicts.append(f"{src} -> {dst} (holds different bytes)")
         plan.append((src, dst))
+    if foreign:
+        raise DataError(f"--prepare-val: {len(foreign)} image(s) labelled with classes that train/ does not have, "
+                        f"e.g. {', '.join(foreign[:3])}; nothing was moved: are these the labels of this dataset?")
     if conflicts:
         raise FileExistsError(f"--prepare-val: {len(conflicts)} conflict(s) (files already in class folders, "
                               "or one image id for two files); nothing was moved. Resolve them by hand:\n  "
@@ -538,7 +546,8 @@ def load_imagenet(data_root: str | Path, image_size: int, seed: int = 0, scale: 
     loose = loose_images(val_dir)
     if folders and loose:
         raise DataError(f"{val_dir} holds both class folders and {len(loose)} loose images (e.g. {loose[0].name}): "
-                        "an interrupted --prepare-val? Run it again to finish the arrangement")
+                        "an interrupted --prepare-val? Run it again to finish the arrangement; images it leaves "
+                        "loose have no label (it names them): move or delete them")
     if folders:
         unknown = [w for w in folders if w not in index]
         if unknown:

@@ -450,7 +450,9 @@ def run_prepare_val(cfg: PretrainConfig) -> dict:
         raise ValueError("--prepare-val needs --data-root (the folder holding val/)")
     root = resolve_imagenet_root(cfg.data_root, split="val")
     labels, source = val_labels(cfg.data_root, root, cfg.val_solution, cfg.devkit_gt, cfg.devkit_synsets)
-    report = prepare_val(root / "val", labels)
+    train = root / "train"     # its class folders, which val/'s must be among (checked before anything moves)
+    classes = {d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")} if train.is_dir() else None
+    report = prepare_val(root / "val", labels, classes)
     print(f"--prepare-val {root / 'val'} with labels from {source}: {report.moved} moved into class folders, "
           f"{report.already} already in place, {len(report.missing)} labelled but absent, "
           f"{len(report.unlabelled)} loose images without a label left where they are")

@@ -247,10 +247,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
         lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(e).splitlines()
                  if not line.strip().startswith(boilerplate)]
-        cause = f"{type(e).__name__}: {next((line for line in lines if line), '')}".rstrip(".")
-        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {cause[:200]}. It is corrupt, "
-                         "truncated, not a PyTorch checkpoint, or holds objects other than tensors and plain Python "
-                         "data; it will not be loaded unsafely") from None
+        cause = next((line for line in lines if line), "").split(". ")[0].rstrip(".")   # its first sentence
+        if len(cause) > 200:
+            cause = cause[:200].rsplit(" ", 1)[0] + " ..."
+        raise ValueError(f"cannot load checkpoint {path} safely (weights_only=True): {type(e).__name__}: {cause}. "
+                         "It is corrupt, truncated, not a PyTorch checkpoint, or holds objects other than tensors "
+                         "and plain Python data; it will not be loaded unsafely") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt

@@ -235,6 +235,11 @@ def test_a_corrupt_checkpoint_is_named_in_one_line_without_torchs_advice(tmp_pat
     message = str(e.value)
     assert message.startswith(f"cannot load checkpoint {path} safely (weights_only=True): ") and "\n" not in message
     assert "weights_only` set to `False`" not in message and "file an issue" not in message
+    path.write_bytes(data[: len(data) // 2])                 # truncated: torch's reason, its first sentence whole
+    with pytest.raises(ValueError) as e:
+        load_checkpoint(path)
+    assert (f"cannot load checkpoint {path} safely (weights_only=True): RuntimeError: PytorchStreamReader failed "
+            "reading zip archive: failed finding central directory. It is corrupt, truncated") in str(e.value)
 
 
 def test_voc_xml_of_another_shape_is_named_not_read_as_background(tmp_path):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pretrainer  # noqa: E402
-from dataset import MEAN, STD, collate_skip_none, color_normalize  # noqa: E402
+from dataset import MEAN, STD, DataError, collate_skip_none, color_normalize  # noqa: E402
 from demo_data import DEMO_WNID_NAMES, DEMO_WNIDS, make_demo_imagenet, make_flat_val  # noqa: E402
 from imagenet import ImageNetClassification, load_imagenet  # noqa: E402
 from model import DEMO_MODEL, Classifier, YoloConfig, YOLOv1, load_backbone  # noqa: E402
@@ -281,6 +281,15 @@ def test_prepare_val_command_then_training_reads_class_folders(tree: Path, tmp_p
     root.mkdir()
     (root / "train").symlink_to(tree / "train", target_is_directory=True)
     make_flat_val(tree, root / "val")
+    shutil.copy(tree / "LOC_val_solution.csv", root)
+    csv = (tree / "LOC_val_solution.csv").read_text().splitlines()
+    (root / "LOC_val_solution.csv").write_text("\n".join([csv[0], csv[1].replace(csv[1].split(",")[1][:9], "n99999999"),
+                                                          *csv[2:]]) + "\n")
+    before = sorted(p.name for p in (root / "val").iterdir())
+    with pytest.raises(DataError, match=r"1 image\(s\) labelled with classes that train/ does not have, e\.g\. "
+                                        r".*\(n99999999\); nothing was moved"):
+        pretrainer.main(["--data", "imagenet", "--prepare-val", "--data-root", str(root)])
+    assert sorted(p.name for p in (root / "val").iterdir()) == before
     shutil.copy(tree / "LOC_val_solution.csv", root)
     first = pretrainer.main(["--data", "imagenet", "--prepare-val", "--data-root", str(root)])
     assert (first["moved"], first["already"]) == (16, 0)
