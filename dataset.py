@@ -116,6 +116,8 @@ def parse_voc_xml(path: str | Path, class_names: Sequence[str]) -> tuple[Annotat
             raise DataError(f"{path}: <{tag}> is {el.text!r}, not a number") from None
         if not math.isfinite(value):
             raise DataError(f"{path}: <{tag}> is {el.text.strip()!r}, not a finite number")
+        if abs(value) > 1e9:   # no image is that large (MAX_IMAGE_PIXELS); float32 boxes would overflow
+            raise DataError(f"{path}: <{tag}> is {el.text.strip()!r}, beyond any image's size")
         return value
 
     size = root.find("size")

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from dataset import MEAN, STD
 from model import YoloConfig, YOLOv1
-from utils import finite_float, run_cli
+from utils import finite_float, not_a_folder, run_cli
 
 DEFAULT_OPSET = 17
 OPSETS = range(7, 21)     # what torch.onnx's TorchScript-based exporter writes (its ONNX_MIN_OPSET to its maximum)
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--output {output} is a folder; give a file name such as {output / 'model.onnx'}")
     if output.exists() and output.suffix.lower() != ".onnx":   # a checkpoint, say: only an earlier export is replaced
         raise ValueError(f"--output {output} exists and is not an .onnx file: refusing to overwrite it")
+    blocker = not_a_folder(output.parent)
+    if blocker:
+        raise ValueError(f"--output {output}: {blocker} is a file, so no folder can be made there")
     model, cfg, class_names = load_detector(args.checkpoint)
     # Written beside the output and renamed over it only once exported (and checked): a failed
     # export or check leaves no file, and never half of one, under the output's name.

@@ -57,6 +57,9 @@ def test_parse_genuine_voc2007(tmp_path):
     np.testing.assert_array_equal(ann.difficult, [False, True])
     p.write_text(GENUINE_2007.replace("<difficult>1</difficult>", "<difficult>7</difficult>"))
     assert parse_voc_xml(p, CLASSES)[0].difficult.tolist() == [False, True]   # nonzero, as the devkit reads it
+    p.write_text(GENUINE_2007.replace("<xmax>324</xmax>", "<xmax>1e308</xmax>"))   # finite, but float32's inf
+    with pytest.raises(DataError, match=r"000005\.xml: <xmax> is '1e308', beyond any image's size"):
+        parse_voc_xml(p, CLASSES)
     p.write_text(GENUINE_2007)
     # VOC 1-based inclusive -> 0-based continuous pixels: width stays xmax - xmin + 1
     px = VOCDetection.boxes_px(ann)

@@ -122,6 +122,8 @@ def test_export_never_overwrites_the_checkpoint_and_leaves_nothing_on_failure(tm
     other.write_bytes(before)
     with pytest.raises(ValueError, match="exists and is not an .onnx file: refusing to overwrite it"):
         export.main(["--checkpoint", str(ckpt), "--output", str(other)])
+    with pytest.raises(ValueError, match=r"last\.pt is a file, so no folder can be made there"):
+        export.main(["--checkpoint", str(ckpt), "--output", str(other / "sub" / "m.onnx")])
     for flags in (["--atol", "-1"], ["--rtol", "nan"], ["--opset", "99"], ["--opset", "5"]):
         with pytest.raises(SystemExit) as e:                # argparse's usage error, before any work
             export.main(["--checkpoint", str(ckpt), *flags])
