@@ -617,6 +617,7 @@ def main(argv: list[str] | None = None) -> dict:
     state = {"epoch": 0, "step": 0, "step_in_epoch": 0, "best_top1": -1.0, "best_top5": -1.0, "top1": None,
              "top5": None, "bad_steps": 0, "skipped_steps": 0, "skipped_images": 0, "history": [],
              "epoch_meter": {"loss_sum": 0.0, "correct": 0.0, "images": 0}}
+    meter_known = True   # the epoch's sums cover all its steps so far
     if ckpt is not None:
         saved_cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {resume_path}").to_dict()
         check_config_compatible(saved_cfg, model_cfg.to_dict(), MODEL_KEYS, str(resume_path))
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
             scheduler.load_state_dict(ckpt["scheduler"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{resume_path}: its optimizer or LR scheduler state does not fit this run ({e})") from None
+        # an older checkpoint saved mid-epoch without the epoch's sums: its steps before the resume may have trained
+        meter_known = "epoch_meter" in ckpt["state"] or not ckpt["state"].get("step_in_epoch")
         state.update(ckpt["state"])
         restore_training_state(ckpt, scaler, rank, world)
         ckpt = None     # (the loaded optimizer state is in the optimizer now)
@@ -689,11 +692,12 @@ def main(argv: list[str] | None = None) -> dict:
                                     is_main, checkpoint, steps_per_epoch, stopper, bn_buffers, min_images)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written
                 break
-            if not state["epoch_meter"]["images"]:   # every step skipped: the same on every process
+            if meter_known and not state["epoch_meter"]["images"]:   # every step skipped (on every process alike)
                 raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable "
                                  "images (the warnings above name them); check the data with --check-data")
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = {"loss_sum": 0.0, "correct": 0.0, "images": 0}
+            meter_known = True
             if world > 1:   # evaluate (and save) rank 0's BatchNorm statistics on every process
                 for b in raw_model.buffers():
                     dist.broadcast(b, 0)

@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- resume
     state = new_state()
+    meter_known = True   # the epoch's sums cover all its steps so far
     ema_state = None
     if ckpt is not None:
         saved_cfg = YoloConfig.from_dict(ckpt["model_config"], f"checkpoint {resume_path}").to_dict()
@@ -555,6 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{resume_path}: its optimizer or LR scheduler state does not fit this run ({e})") from None
         ema_state = ckpt.get("ema")
+        # an older checkpoint saved mid-epoch without the epoch's sums: its steps before the resume may have trained
+        meter_known = "epoch_meter" in ckpt["state"] or not ckpt["state"].get("step_in_epoch")
         state.update(ckpt["state"])
         if "epoch_meter" not in ckpt["state"] and state["step_in_epoch"] and is_main:
             print(f"{resume_path} predates the saved epoch loss sums: epoch {state['epoch'] + 1}'s printed loss "
@@ -629,11 +632,12 @@ def main(argv: list[str] | None = None) -> dict:
                           f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto --out-dir {out_dir})")
                 cleanup_distributed()
                 sys.exit(stopper.exit_code)     # the writer is closed on the way out (except BaseException)
-            if not state["epoch_meter"]["images"]:   # every step skipped: the same on every process
+            if meter_known and not state["epoch_meter"]["images"]:   # every step skipped (on every process alike)
                 raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable "
                                  "images (the warnings above name them); check the data with --check-data")
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = new_epoch_meter()
+            meter_known = True
             if writer:
                 writer.add_scalar("data/skipped_images", state["skipped_images"], state["step"])
             if is_main:

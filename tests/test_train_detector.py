@@ -379,6 +379,21 @@ def test_resumed_run_keeps_its_evaluation_history(tmp_path):
     assert load_checkpoint(split / "last.pt")["state"]["epoch_meter"]["images"] == 0   # reset for the next epoch
 
 
+def test_resume_at_an_epochs_end_from_a_checkpoint_without_its_sums(tmp_path):
+    """A checkpoint of older code (no epoch_meter) saved after an epoch's last step: the steps it did
+    trained, so the epoch is not taken for one in which no step ran."""
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)     # 2 steps of 4 per epoch
+    out = tmp_path / "run"
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(out)])
+    ckpt = load_checkpoint(out / "last.pt")
+    del ckpt["state"]["epoch_meter"]
+    ckpt["state"].update(epoch=0, step_in_epoch=2)                 # epoch 1's 2 steps done, not yet closed
+    save_checkpoint(ckpt, out / "last.pt")
+    res = run(["--data-root", str(root), "--epochs", "2", "--out-dir", str(out), "--resume", "auto"])
+    state = load_checkpoint(out / "last.pt")["state"]
+    assert (state["epoch"], state["step"]) == (2, 4) and res["final_map"] is not None
+
+
 def test_max_det_0_keeps_every_detection(tmp_path):
     from utils import decode_predictions
     torch.manual_seed(0)
