@@ -171,6 +171,10 @@ def test_encode_target_cell_offsets_and_conflict():
     assert torch.allclose(t[0, 0, :5], torch.tensor([0.5, 0.5, 64 / 448, 64 / 448, 1]))
     assert torch.allclose(t[2, 2, :4], torch.tensor([0.5, 0.0, 60 / 448, 116 / 448]))
     assert t[2, 2, 5:].tolist() == [0, 1, 0]
+    # off the diagonal: centre (x 100, y 300) -> row 300 // 64 = 4, col 100 // 64 = 1 (row from y, col from x)
+    t3 = encode_target(torch.tensor([[80.0, 260, 120, 340]]), torch.tensor([1]), 448, 7, 3)
+    assert t3[..., 4].nonzero().tolist() == [[4, 1]]
+    assert torch.allclose(t3[4, 1, :5], torch.tensor([100 / 64 - 1, 300 / 64 - 4, 40 / 448, 80 / 448, 1]))
     # equal areas: the first listed keeps the cell
     t2 = encode_target(torch.tensor([[0.0, 0, 10, 10], [2, 2, 12, 12]]), torch.tensor([0, 2]), 448, 7, 3)
     assert t2[0, 0, 5:].tolist() == [1, 0, 0]

@@ -217,3 +217,48 @@ def test_space_to_depth_stem_on_cuda(dtype, monkeypatch):
         for out in (got, ref):    # each against float64, within the dtype's rounding
             err = ((out.double() - ref64).norm() / ref64.norm()).item()
             assert err < (1e-5 if dtype == torch.float32 else 1e-2), (fmt, err)
+
+
+# The paper's network (Fig. 3), written out here independently of model.py's tables: per layer
+# (kernel, stride) of each convolution, "M" a 2x2 stride-2 max pool; every convolution "same"-padded
+# and followed by leaky ReLU(0.1).
+PAPER_BACKBONE = [(7, 2), "M", (3, 1), "M", (1, 1), (3, 1), (1, 1), (3, 1), "M",
+                  *[(1, 1), (3, 1)] * 4, (1, 1), (3, 1), "M", *[(1, 1), (3, 1)] * 2]
+PAPER_HEAD = [(3, 1), (3, 2), (3, 1), (3, 1)]
+
+
+def _reference_convs(x, sd, prefix, spec, first):
+    i = first
+    for item in spec:
+        if item == "M":
+            x = torch.nn.functional.max_pool2d(x, 2, 2)
+            continue
+        k, s = item
+        w, b = sd[f"{prefix}conv{i}.conv.weight"], sd[f"{prefix}conv{i}.conv.bias"]
+        assert w.shape[-1] == k, (i, w.shape)
+        x = torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, w, b, s, k // 2), 0.1)
+        i += 1
+    return x
+
+
+def test_forward_equals_the_papers_network_written_out():
+    """Both networks against a float64 functional reference built from their parameters: catches a
+    wrong activation, pool, padding, head activation or classifier pooling, which shapes do not."""
+    torch.manual_seed(0)
+    cfg = YoloConfig(C=5, image_size=128, width=0.0625, fc_dim=64)
+    det, x = YOLOv1(cfg).double().eval(), torch.randn(2, 3, 128, 128, dtype=torch.float64)
+    sd = det.state_dict()
+    f = _reference_convs(x, sd, "backbone.layers.", PAPER_BACKBONE, 1)                  # (2, c, 4, 4)
+    assert f.shape[-2:] == (4, 4)
+    h = _reference_convs(f, sd, "head.convs.", PAPER_HEAD, 21).flatten(1)                # (2, c * 2 * 2)
+    h = torch.nn.functional.leaky_relu(h @ sd["head.fc1.weight"].T + sd["head.fc1.bias"], 0.1)   # dropout: eval
+    ref = (h @ sd["head.fc2.weight"].T + sd["head.fc2.bias"]).view(2, 7, 7, 5 * 2 + 5)
+    with torch.no_grad():
+        out = det(x)
+    assert ref.abs().max() > 0 and torch.allclose(out, ref, rtol=1e-9, atol=1e-12)
+    assert cfg.dropout == 0.5                                                             # the paper's rate
+    cls = Classifier(cfg, num_classes=7).double().eval()
+    sd = cls.state_dict()
+    g = _reference_convs(x, sd, "backbone.layers.", PAPER_BACKBONE, 1).mean(dim=(2, 3))  # global average pool
+    with torch.no_grad():
+        assert torch.allclose(cls(x), g @ sd["head.fc.weight"].T + sd["head.fc.bias"], rtol=1e-9, atol=1e-12)

@@ -619,3 +619,25 @@ def test_a_training_step_reads_nothing_back_and_the_loop_reads_it_one_step_late(
     first = YoloLoss(7, 2, 5)(out.float(), target)
     assert lines[0]["total"] == pytest.approx(first["total"].item(), rel=1e-6)
     assert lines[1]["total"] != lines[0]["total"]
+
+
+def test_the_papers_recipe_and_loss_weights_reach_the_run(tmp_path, monkeypatch):
+    """The paper's numbers (Sec. 2.2) as --data voc's defaults, and the loss weights the run builds its
+    loss with: lambda_coord 5, lambda_noobj 0.5 unless given."""
+    cfg = train_detector.parse_args(["--data", "voc"])
+    assert (cfg.lambda_coord, cfg.lambda_noobj, cfg.dropout, cfg.epochs, cfg.batch_size, cfg.momentum,
+            cfg.weight_decay, cfg.lr_steps, cfg.lr_gamma, cfg.image_size, cfg.S, cfg.B) == \
+        (5.0, 0.5, 0.5, 135, 64, 0.9, 5e-4, "75,105", 0.1, 448, 7, 2)
+    built = []
+
+    class Recorded(train_detector.YoloLoss):
+        def __init__(self, S, B, C, lambda_coord, lambda_noobj, rescore):
+            built.append((S, B, C, lambda_coord, lambda_noobj))
+            super().__init__(S, B, C, lambda_coord, lambda_noobj, rescore)
+
+    monkeypatch.setattr(train_detector, "YoloLoss", Recorded)
+    root = tiny_voc(tmp_path / "data", n_trainval=8, n_test=4)
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(tmp_path / "a")])
+    run(["--data-root", str(root), "--epochs", "1", "--out-dir", str(tmp_path / "b"), "--lambda-coord", "2",
+         "--lambda-noobj", "0.25"])
+    assert built == [(7, 2, 5, 5.0, 0.5), (7, 2, 5, 2.0, 0.25)]

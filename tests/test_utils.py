@@ -333,3 +333,34 @@ def test_weights_cast_once_give_autocasts_outputs_bit_for_bit():
                    for p in (*m.parameters(), m.running_mean))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(ref(x), cast(x))
+
+
+def test_resume_restores_a_live_grad_scaler_and_leaves_a_fresh_one_for_an_empty_state():
+    """fp16 runs (GPUs before Ampere) resume with the scaler's scale and growth count; a run saved without
+    fp16 (its scaler's state empty) gives the resumed one a fresh scaler. A CPU scaler stands in."""
+    from utils import restore_training_state, rng_state
+    saved = {**torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=7).state_dict(), "_growth_tracker": 3}
+    ckpt = {"scaler": saved, "rng": rng_state()}
+    scaler = torch.amp.GradScaler("cpu")
+    restore_training_state(ckpt, scaler, 0, world=1)
+    assert scaler.state_dict() == saved and scaler.get_scale() == 256.0
+    fresh = torch.amp.GradScaler("cpu")
+    restore_training_state({**ckpt, "scaler": {}}, fresh, 0, world=1)
+    assert fresh.state_dict() == torch.amp.GradScaler("cpu").state_dict()
+
+
+def test_decode_drops_a_score_on_the_threshold_and_keeps_one_above():
+    """One box, score conf 0.5 x Pr(class 0) 0.5 = 0.25 exactly: dropped at threshold 0.25 (scores
+    <= threshold go), kept just below it, where it lands in pixels as hand-computed."""
+    from utils import decode_predictions
+    B, C = 2, 2
+    out = torch.zeros(1, 7, 7, 5 * B + C)
+    out[0, 3, 3, :4] = torch.tensor([0.5, 0.5, 0.5, 0.5])    # box 0: centre of cell (3, 3), sqrt w = sqrt h = 0.5
+    out[0, 3, 3, 4 * B] = 0.5                                 # its confidence
+    out[0, 3, 3, 5 * B] = 0.5                                 # Pr(class 0 | object)
+    sizes = torch.tensor([[100, 200]])                        # (height, width)
+    assert len(decode_predictions(out, B, C, sizes, conf_threshold=0.25)[0]["scores"]) == 0
+    kept = decode_predictions(out, B, C, sizes, conf_threshold=0.2499)[0]
+    assert kept["scores"].tolist() == [0.25] and kept["labels"].tolist() == [0]
+    # centre (0.5, 0.5) of the image, w = 0.25 * 200 px, h = 0.25 * 100 px
+    assert torch.allclose(kept["boxes"], torch.tensor([[75.0, 37.5, 125.0, 62.5]]))
