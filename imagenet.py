@@ -83,20 +83,25 @@ def find_metadata(name: str | Path, data_root: str | Path, image_root: str | Pat
     return None
 
 
-def scan_class_folders(split_dir: str | Path, allow_empty: bool = False) -> dict[str, list[Path]]:
-    """``split_dir/<class>/<image>`` -> ``{class: sorted image paths}`` for every class folder.
-    Hidden entries and non-image files are ignored; an empty class folder is a :class:`DataError`
-    unless ``allow_empty``."""
-    split_dir = Path(split_dir)
-    out: dict[str, list[Path]] = {}
+def class_folder_names(split_dir: str | Path) -> list[str]:
+    """The class folders of ``split_dir``, sorted (hidden entries and files ignored);
+    :class:`DataError` for a broken symbolic link where a class folder is expected."""
     with os.scandir(split_dir) as it:
         entries = [e for e in it if not e.name.startswith(".")]
     for e in entries:   # a class folder behind a broken link would silently become a missing class
         if e.is_symlink() and not os.path.exists(e.path):
             raise DataError(f"{e.path}: a broken symbolic link (to {os.readlink(e.path)}) where a class folder "
                             "is expected; fix or remove it")
-    dirs = sorted(e.name for e in entries if e.is_dir())
-    for name in dirs:
+    return sorted(e.name for e in entries if e.is_dir())
+
+
+def scan_class_folders(split_dir: str | Path, allow_empty: bool = False) -> dict[str, list[Path]]:
+    """``split_dir/<class>/<image>`` -> ``{class: sorted image paths}`` for every class folder.
+    Hidden entries and non-image files are ignored; an empty class folder is a :class:`DataError`
+    unless ``allow_empty``."""
+    split_dir = Path(split_dir)
+    out: dict[str, list[Path]] = {}
+    for name in class_folder_names(split_dir):
         with os.scandir(split_dir / name) as it:   # a broken link to an image is listed: training skips and counts it
             files = sorted(e.name for e in it if _is_image(e.name) and (e.is_file() or e.is_symlink()))
         if not files and not allow_empty:

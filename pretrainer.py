@@ -42,15 +42,16 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from dataset import MEAN, STD, batches_on_device, collate_encoded, collate_skip_none, color_normalize
-from imagenet import ImageNetClassification, load_imagenet, prepare_val, resolve_imagenet_root, val_labels
+from imagenet import (ImageNetClassification, class_folder_names, load_imagenet, prepare_val, resolve_imagenet_root,
+                      val_labels)
 from model import DEMO_MODEL, Classifier, YoloConfig, count_params_flops
 from utils import (GracefulStop, ResumableSampler, RunFolder, ShardSampler, all_gather_objects, autocast_dtype,
-                   check_batch_norm_batch, check_config_compatible, cleanup_distributed, finite_float,
-                   gather_rng_states, load_checkpoint, load_resume, load_weights, make_optimizer, print_problems,
-                   record_bad_step, remove_partial_checkpoints, require_checkpoint, restore_training_state,
-                   restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position, save_checkpoint,
-                   seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler, sum_over_ranks,
-                   to_channels_last, write_json)
+                   check_batch_norm_batch, check_config_compatible, check_epoch_trained, cleanup_distributed,
+                   finite_float, gather_rng_states, load_checkpoint, load_resume, load_weights, make_optimizer,
+                   print_problems, record_bad_step, remove_partial_checkpoints, require_checkpoint,
+                   restore_training_state, restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position,
+                   save_checkpoint, seed_everything, setup_distributed, skip_short_batch, start_host_read,
+                   step_if_finite, step_scheduler, to_channels_last, write_json)
 
 # Recipes: flags left unset take these values. "imagenet" is the users' recipe (Adam, LR 0.00025,
 # x0.95 every 20 epochs, batch 64, 224 px, no BatchNorm, AMP); "demo" is sized for a 2-core CPU and
@@ -350,20 +351,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, cfg: PretrainCo
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
-        # collate_skip_none dropped the batch's unreadable images: count them over all processes (one
-        # all-reduce). A process left with no image (or one, where BatchNorm needs two: min_images) makes
-        # every process skip the step (DDP needs all of them in each backward); the step still counts, so
-        # that the LR schedule and a resume stay aligned.
-        dropped, short = sum_over_ranks([per_proc - n, float(n < min_images)])
-        state["skipped_images"] += int(dropped)
         read = None
-        if short:
-            if is_main:
-                left = "no readable image" if min_images == 1 else "under 2 readable images (BatchNorm needs 2 here)"
-                tqdm.write(f"step {state['step'] + 1}: {left} "
-                           f"left in a process's batch (see the warnings above); step skipped by every process "
-                           f"({state['skipped_images']} images skipped so far)")
-        else:
+        if not skip_short_batch(n, per_proc, min_images, state, is_main):   # (a short batch: the step is skipped)
             read = start_host_read(train_step(model, optimizer, scaler, batch, cfg, device, amp_dtype, params,
                                               bn_buffers, backup))
         lr = step_scheduler(scheduler)
@@ -451,8 +440,7 @@ def run_prepare_val(cfg: PretrainConfig) -> dict:
     root = resolve_imagenet_root(cfg.data_root, split="val")
     labels, source = val_labels(cfg.data_root, root, cfg.val_solution, cfg.devkit_gt, cfg.devkit_synsets)
     train = root / "train"     # its class folders, which val/'s must be among (checked before anything moves)
-    classes = {d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith(".")} if train.is_dir() else None
-    report = prepare_val(root / "val", labels, classes)
+    report = prepare_val(root / "val", labels, set(class_folder_names(train)) if train.is_dir() else None)
     print(f"--prepare-val {root / 'val'} with labels from {source}: {report.moved} moved into class folders, "
           f"{report.already} already in place, {len(report.missing)} labelled but absent, "
           f"{len(report.unlabelled)} loose images without a label left where they are")
@@ -692,9 +680,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     is_main, checkpoint, steps_per_epoch, stopper, bn_buffers, min_images)
             if state["step_in_epoch"] < steps_per_epoch:   # stopped by a signal mid-epoch; last.pt is written
                 break
-            if meter_known and not state["epoch_meter"]["images"]:   # every step skipped (on every process alike)
-                raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable "
-                                 "images (the warnings above name them); check the data with --check-data")
+            check_epoch_trained(state, epoch, meter_known)
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = {"loss_sum": 0.0, "correct": 0.0, "images": 0}
             meter_known = True

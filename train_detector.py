@@ -34,12 +34,12 @@ from draw import detection_samples, log_detections
 from loss import YoloLoss
 from model import DEMO_MODEL, YoloConfig, YOLOv1, count_params_flops, load_backbone
 from utils import (GracefulStop, ModelEMA, ResumableSampler, RunFolder, ShardSampler, autocast_dtype,
-                   check_batch_norm_batch, check_config_compatible, cleanup_distributed, cpu_has_native_bf16,
-                   finite_float, format_loss, gather_rng_states, load_checkpoint, load_resume, load_weights,
-                   make_optimizer, predict, print_problems, record_bad_step, remove_partial_checkpoints,
+                   check_batch_norm_batch, check_config_compatible, check_epoch_trained, cleanup_distributed,
+                   cpu_has_native_bf16, finite_float, format_loss, gather_rng_states, load_checkpoint, load_resume,
+                   load_weights, make_optimizer, predict, print_problems, record_bad_step, remove_partial_checkpoints,
                    restore_training_state, restore_unless, reuse_freed_memory, run_cli, run_folder_path, run_position,
-                   save_checkpoint, seed_everything, setup_distributed, start_host_read, step_if_finite, step_scheduler,
-                   sum_over_ranks, to_channels_last, write_json)
+                   save_checkpoint, seed_everything, setup_distributed, skip_short_batch, start_host_read,
+                   step_if_finite, step_scheduler, to_channels_last, write_json)
 from voc_eval import detections_from_pixels, evaluate_detections, format_table
 
 # Recipes: flags left unset take these values. "voc" is the paper's (Sec. 2.2).
@@ -359,20 +359,8 @@ def train_one_epoch(model, criterion, optimizer, scheduler, scaler, loader, cfg:
     pending = None     # the previous step, settled once this one is queued (the GPU never idles)
     for batch in bar:
         n = 0 if batch is None else batch[0].shape[0]
-        # collate_skip_none dropped the batch's unreadable images: counted over all processes (one
-        # all-reduce). A process left with no image (or one, where BatchNorm needs two: min_images) makes
-        # every process skip the step (DDP needs all of them in each backward); the step still counts, so
-        # the LR schedule and a resume stay aligned.
-        dropped, short = sum_over_ranks([per_proc - n, float(n < min_images)])
-        state["skipped_images"] += int(dropped)
         read = None
-        if short:
-            if is_main:
-                left = "no readable image" if min_images == 1 else "under 2 readable images (BatchNorm needs 2 here)"
-                tqdm.write(f"step {state['step'] + 1}: {left} "
-                           f"left in a process's batch (see the warnings above); step skipped by every process "
-                           f"({state['skipped_images']} images skipped so far)")
-        else:
+        if not skip_short_batch(n, per_proc, min_images, state, is_main):   # (a short batch: the step is skipped)
             record, stepped = train_step(model, criterion, optimizer, scaler, batch, cfg, device, amp_dtype)
             read = start_host_read(record)
             if ema:
@@ -559,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         # an older checkpoint saved mid-epoch without the epoch's sums: its steps before the resume may have trained
         meter_known = "epoch_meter" in ckpt["state"] or not ckpt["state"].get("step_in_epoch")
         state.update(ckpt["state"])
-        if "epoch_meter" not in ckpt["state"] and state["step_in_epoch"] and is_main:
+        if not meter_known and is_main:
             print(f"{resume_path} predates the saved epoch loss sums: epoch {state['epoch'] + 1}'s printed loss "
                   "covers only the steps after this resume")
         restore_training_state(ckpt, scaler, rank, world)
@@ -632,9 +620,7 @@ def main(argv: list[str] | None = None) -> dict:
                           f"checkpoint saved to {out_dir / 'last.pt'} (continue with --resume auto --out-dir {out_dir})")
                 cleanup_distributed()
                 sys.exit(stopper.exit_code)     # the writer is closed on the way out (except BaseException)
-            if meter_known and not state["epoch_meter"]["images"]:   # every step skipped (on every process alike)
-                raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable "
-                                 "images (the warnings above name them); check the data with --check-data")
+            check_epoch_trained(state, epoch, meter_known)
             state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             state["epoch_meter"] = new_epoch_meter()
             meter_known = True

@@ -837,6 +837,33 @@ def record_bad_step(state: dict, step: int, detail: str, max_bad_steps: int, is_
                                  f"{detail}. The last good checkpoint is intact.")
 
 
+def skip_short_batch(n: int, per_proc: int, min_images: int, state: dict, is_main: bool) -> bool:
+    """The bookkeeping of a batch that unreadable images left short, one for both training loops:
+    ``n`` of the process's ``per_proc`` images were read (collate_skip_none dropped the others),
+    counted over all processes (one all-reduce) in ``state["skipped_images"]``. True when a process
+    was left with under ``min_images`` (none, or one where BatchNorm needs two): every process then
+    skips the step (DDP needs all of them in each backward), which still counts, so that the LR
+    schedule and a resume stay aligned."""
+    from tqdm import tqdm
+    dropped, short = sum_over_ranks([per_proc - n, float(n < min_images)])
+    state["skipped_images"] += int(dropped)
+    if short and is_main:
+        left = "no readable image" if min_images == 1 else "under 2 readable images (BatchNorm needs 2 here)"
+        tqdm.write(f"step {state['step'] + 1}: {left} left in a process's batch (see the warnings above); step "
+                   f"skipped by every process ({state['skipped_images']} images skipped so far)")
+    return bool(short)
+
+
+def check_epoch_trained(state: dict, epoch: int, sums_complete: bool = True) -> None:
+    """``ValueError`` when epoch ``epoch`` (0-based) ended without a step that trained: its sums
+    (``state["epoch_meter"]``, the same on every process) counted no image. ``sums_complete=False``
+    for an epoch resumed from an older checkpoint that did not save them, whose earlier steps may
+    have trained."""
+    if sums_complete and not state["epoch_meter"]["images"]:
+        raise ValueError(f"epoch {epoch + 1}: no training step ran, every batch being short of readable images "
+                         "(the warnings above name them); check the data with --check-data")
+
+
 def format_loss(terms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in terms.items())
 
